@@ -1,0 +1,16 @@
+"""deltatune: parameter-efficient fine-tuning for PyTorch models (LoRA family, prompts, prefixes, adapters)."""
+
+from __future__ import annotations
+
+from .config import DeltaConfig
+from .errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
+from .io import load, save
+from .methods import METHODS, LoraConfig
+from .model import DeltaModel, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig",
+    "MergeError", "TargetError", "__version__", "load", "save", "wrap",
+]

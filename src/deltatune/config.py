@@ -1,0 +1,143 @@
+"""Base config of every method, and conversion to/from PEFT's ``adapter_config.json`` dictionaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+# PEFT keys that only matter at PEFT's own init time or are bookkeeping: read silently, never acted on.
+IGNORED_PEFT_KEYS = {
+    "peft_type", "peft_version", "auto_mapping", "revision", "inference_mode", "base_model_name_or_path",
+    "task_type", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "layers_pattern", "runtime_config", "qalora_group_size", "kasa_config", "lora_ga_config", "monteclora_config",
+    "velora_config", "arrow_config", "ensure_weight_tying", "exclude_modules",
+}
+
+
+@dataclass
+class DeltaConfig:
+    """Fields every method shares: what to target and what else to train and save with the adapter.
+
+    targets: list of module names (a module matches when its path equals the name or ends with ``.name``),
+      a full-match regex string, or ``"all-linear"``; ``None`` uses the architecture's default.
+    exclude: same forms as ``targets``; matching modules are removed.
+    layers: keep only modules inside these block indices (``...layer.3.``, ``...layers.3.``, ``...h.3.``).
+    modules_to_save: modules (same name rules) trained as full copies and saved with the adapter.
+    """
+
+    peft_type: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+    # our field name -> PEFT key name (subclasses extend)
+    peft_keys: ClassVar[dict[str, str]] = {
+        "targets": "target_modules",
+        "exclude": "exclude_modules",
+        "layers": "layers_to_transform",
+        "layers_pattern": "layers_pattern",
+        "modules_to_save": "modules_to_save",
+        "base_model_name_or_path": "base_model_name_or_path",
+        "task_type": "task_type",
+        "inference_mode": "inference_mode",
+    }
+    # keys PEFT's loader expects with these values; a file with another value uses a feature we lack
+    peft_fixed: ClassVar[dict[str, Any]] = {}
+
+    targets: list[str] | str | None = None
+    exclude: list[str] | str | None = None
+    layers: list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys read from a file
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for values that cannot work."""
+
+    # ---- PEFT dictionaries -------------------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, peft_dict: dict[str, Any]) -> bool:
+        """Whether a PEFT dictionary with this class's ``peft_type`` describes this method."""
+        return True
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.peft_fixed)
+        for ours, theirs in self.peft_keys.items():
+            value = getattr(self, ours)
+            out[theirs] = self.encode(ours, value)
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> DeltaConfig:
+        reverse = {theirs: ours for ours, theirs in cls.peft_keys.items()}
+        kwargs: dict[str, Any] = {}
+        unknown: list[str] = []
+        for key, value in data.items():
+            if key in reverse:
+                kwargs[reverse[key]] = cls.decode(reverse[key], value)
+            elif key in cls.peft_fixed:
+                if value != cls.peft_fixed[key] and value not in (None, {}, [], False):
+                    raise ConfigError(
+                        f"adapter config sets {key}={value!r}, a PEFT feature deltatune does not support; "
+                        f"re-train or convert the adapter without it"
+                    )
+            elif key not in IGNORED_PEFT_KEYS:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"ignoring unknown adapter config keys: {', '.join(sorted(unknown))}", stacklevel=3)
+        field_names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in kwargs.items() if k in field_names})
+        except (TypeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"invalid {cls.peft_type} adapter config: {error}") from error
+
+    @classmethod
+    def encode(cls, name: str, value: Any) -> Any:
+        """Our value -> PEFT's JSON value for one field."""
+        return value
+
+    @classmethod
+    def decode(cls, name: str, value: Any) -> Any:
+        """PEFT's JSON value -> our value for one field."""
+        return value
+
+    def replace(self, **changes: Any) -> DeltaConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def config_from_peft_dict(data: Any) -> DeltaConfig:
+    """Pick the registered config class for a PEFT ``adapter_config.json`` dictionary and build it."""
+    from .methods import METHODS
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise ConfigError("adapter config has no 'peft_type'; is this an adapter_config.json written by PEFT or deltatune?")
+    for cls in METHODS.values():
+        if cls.peft_type == peft_type and cls.accepts(data):
+            return cls.from_peft_dict(data)
+    known = sorted({cls.peft_type for cls in METHODS.values()})
+    raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a number {bound}, got {value!r}")

@@ -1,0 +1,249 @@
+"""Adapter files in the HF PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are ``base_model.model.<module path>.<tensor>`` with no adapter name in them (``...query.lora_A.weight``);
+biases of adapted layers are ``...<path>.base_layer.bias`` and modules_to_save copies ``...<path>.<tensor>``, as PEFT
+writes them. Writes are atomic; a failed load leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig, config_from_peft_dict
+from .errors import AdapterFileError, ConfigError, DeltatuneError
+from .layers import DeltaLayer, TrainableCopies
+from .model import DeltaModel, bias_parameter_paths
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+# ---- what an adapter consists of ---------------------------------------------------------------------------------
+def adapter_tensors(model: DeltaModel, name: str) -> dict[str, torch.Tensor]:
+    """The live tensors of adapter ``name``, keyed as in the file (without the ``base_model.model.`` prefix)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, host in model.hosts():
+        if isinstance(host, DeltaLayer) and name in host.adapters:
+            for key, tensor in host.adapters[name].state_dict(keep_vars=True).items():
+                tensors[f"{path}.{key}"] = tensor
+        elif isinstance(host, TrainableCopies) and name in host.copies:
+            for key, tensor in host.copies[name].state_dict(keep_vars=True).items():
+                tensors[f"{path}.{key}"] = tensor
+    bias_mode = getattr(model.configs[name], "bias", "none")
+    if bias_mode != "none":
+        params = dict(model.model.named_parameters())
+        hosted = {path for path, host in model.hosts() if isinstance(host, DeltaLayer)}
+        for bias_path in bias_parameter_paths(model, {bias_mode}):
+            module_path = bias_path[: -len(".bias")]
+            key = f"{module_path}.base_layer.bias" if module_path in hosted else bias_path
+            tensors[key] = params[bias_path]
+    return tensors
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    class_name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES.items() if class_name.endswith(suffix)), None)
+
+
+def config_dict(model: DeltaModel, name: str) -> dict[str, Any]:
+    config = model.configs[name]
+    data = config.to_peft_dict()
+    if config.task_type is None:
+        data["task_type"] = infer_task_type(model.model)
+    if "fan_in_fan_out" in data and getattr(config, "fan_in_fan_out", None) is None:
+        data["fan_in_fan_out"] = any(
+            getattr(host.adapters[name], "fan_in_fan_out", False)
+            for _, host in model.hosts()
+            if isinstance(host, DeltaLayer) and name in host.adapters
+        )
+    data["inference_mode"] = True
+    return dict(sorted(data.items()))
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Any) -> Path:
+    """Write to a temp file next to ``path`` via ``write(tmp_path)``; return the temp path (renamed by caller)."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def save_adapter(model: DeltaModel, directory: str | os.PathLike, name: str) -> None:
+    """Write one adapter to ``directory``; both files are fully written before either replaces an old one."""
+    from safetensors.torch import save_file
+
+    if name not in model.configs:
+        raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(model.configs)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_tensors(model, name).items()}
+    text = json.dumps(config_dict(model, name), indent=2, sort_keys=True) + "\n"
+    metadata = {"format": "pt", "written_by": "deltatune"}
+    weights_tmp = _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
+    try:
+        config_tmp = _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except BaseException:
+        weights_tmp.unlink()
+        raise
+    os.replace(weights_tmp, directory / WEIGHTS_NAME)
+    os.replace(config_tmp, directory / CONFIG_NAME)
+
+
+def save(model: DeltaModel, directory: str | os.PathLike, adapter: str | None = None) -> None:
+    """Save ``adapter`` into ``directory``; with no adapter, all of them ("default", or a lone adapter, at the
+    top, every other one in ``directory/<name>/`` as PEFT does)."""
+    if adapter is not None:
+        save_adapter(model, directory, adapter)
+        return
+    names = list(model.configs)
+    for name in names:
+        top = name == "default" or len(names) == 1
+        save_adapter(model, directory if top else Path(directory) / name, name)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+def read_config(directory: Path) -> DeltaConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFileError(f"no {CONFIG_NAME} in {directory}; point at a folder written by model.save() or PEFT")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"{path} is not valid JSON ({error}); the file is corrupt, save the adapter again") from error
+    try:
+        return config_from_peft_dict(data)
+    except DeltatuneError:
+        raise
+    except Exception as error:  # a value of the wrong type deep inside the config
+        raise ConfigError(f"{path} holds an invalid adapter config: {error}") from error
+
+
+def read_tensors(directory: Path, allow_bin: bool = False) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except BaseException as error:  # safetensors raises SafetensorError, or a Rust PanicException
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise AdapterFileError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from error
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        legacy = directory / LEGACY_WEIGHTS_NAME
+        if not allow_bin:
+            raise AdapterFileError(
+                f"{directory} only has the legacy pickle file {LEGACY_WEIGHTS_NAME}; loading pickles can run code. "
+                f"If you trust it, pass allow_bin=True (it is read with weights_only=True)"
+            )
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise AdapterFileError(f"{legacy} could not be read ({error})") from error
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
+    else:
+        raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}; point at a folder written by model.save() or PEFT")
+    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
+
+
+def _check_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    problems: list[str] = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    for key in sorted(set(expected) & set(tensors)):
+        if tuple(expected[key].shape) != tuple(tensors[key].shape):
+            problems.append(
+                f"shape mismatch for {key}: file {tuple(tensors[key].shape)}, model {tuple(expected[key].shape)}"
+            )
+            break
+        if not tensors[key].is_floating_point():
+            problems.append(f"{key} has dtype {tensors[key].dtype}; adapter tensors must be floating point")
+            break
+    if problems:
+        raise AdapterFileError(
+            f"adapter in {directory} does not fit this model: {'; '.join(problems)}. "
+            f"Was it trained on another base model or with other targets?"
+        )
+
+
+def load(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str = "default",
+    allow_bin: bool = False,
+    activate: bool | None = None,
+) -> DeltaModel:
+    """Load an adapter folder (deltatune or HF PEFT) onto ``model`` (a plain model or a ``DeltaModel``).
+
+    Returns the ``DeltaModel``. On any error the model is left exactly as it was. ``activate`` defaults to True
+    when this is the model's first adapter.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter folder {directory} does not exist")
+    config = read_config(directory)
+    tensors = read_tensors(directory, allow_bin=allow_bin)
+    loading_config = config.replace(init="zeros") if hasattr(config, "init") else config
+    fresh = not isinstance(model, DeltaModel)
+    if fresh:
+        delta_model = DeltaModel(model, loading_config, name)
+    else:
+        delta_model = model
+        delta_model.add_adapter(name, loading_config)
+    delta_model.configs[name] = config
+    restore: dict[str, torch.Tensor] = {}
+    try:
+        expected = adapter_tensors(delta_model, name)
+        _check_fit(expected, tensors, directory)
+        owned = _adapter_tensor_ids(delta_model)
+        with torch.no_grad():
+            for key, target in expected.items():
+                if id(target) not in owned:  # a base tensor (bias="all"/"lora_only"): keep it to roll back
+                    restore[key] = target.detach().clone()
+                target.copy_(tensors[key])
+    except BaseException:
+        with torch.no_grad():
+            for key, old in restore.items():
+                expected[key].copy_(old)
+        if fresh:
+            delta_model.unload()
+        else:
+            delta_model.delete_adapter(name)
+        raise
+    if activate or (activate is None and fresh):
+        delta_model.set_adapter(name)
+    return delta_model
+
+
+def _adapter_tensor_ids(model: DeltaModel) -> set[int]:
+    """ids of every tensor that belongs to an adapter (not to the base model)."""
+    ids: set[int] = set()
+    for _, host in model.hosts():
+        holders = host.adapters if isinstance(host, DeltaLayer) else host.copies
+        ids |= {id(t) for t in holders.state_dict(keep_vars=True).values()}
+    return ids

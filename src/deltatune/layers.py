@@ -1,0 +1,212 @@
+"""Adapter hosts: modules that stand in place of a base module and add per-adapter behaviour.
+
+A host is *transparent*: it shares the base module's ``_parameters`` and ``_buffers`` dicts, so the wrapped
+model keeps the base's state-dict keys (``query.weight`` stays ``query.weight``), nothing is copied, and a
+parameter replaced on the host (``load_state_dict(assign=True)``, FSDP) is replaced in the base module too.
+The base module itself is kept outside the module tree (``host.base_layer``) and restored by ``unwrap()``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .errors import MergeError
+
+BASE = "__base__"
+
+
+class AdapterHost(nn.Module):
+    """Common state of every host: which adapters exist, which are active, merged, disabled."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["base_layer"] = base  # plain attribute: not a child, so its tensors are not listed twice
+        self._parameters = base._parameters
+        self._buffers = base._buffers
+        self._non_persistent_buffers_set = base._non_persistent_buffers_set
+        for child_name, child in base._modules.items():
+            self._modules[child_name] = child
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+        self.row_adapters: list[str] | None = None  # one adapter name (or "__base__") per batch row
+        self.training = base.training
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def train(self, mode: bool = True) -> AdapterHost:
+        super().train(mode)
+        self.base_layer.train(mode)
+        return self
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def remove_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def unwrap(self) -> nn.Module:
+        """Return the base module, holding the host's current parameters."""
+        base = self.base_layer
+        base._parameters = self._parameters
+        base._buffers = self._buffers
+        for child_name in base._modules:
+            base._modules[child_name] = self._modules[child_name]
+        base.train(self.training)
+        return base
+
+
+class DeltaLayer(AdapterHost):
+    """``y = base(x) + sum_{a active, not merged} delta_a(x)``; each ``delta_a`` lives in ``self.adapters[a]``.
+
+    A delta is an ``nn.Module`` with ``forward(x, out, layer) -> out`` (the updated output) and, when mergeable,
+    ``merge_into(layer)`` / ``unmerge_from(layer)``.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.adapters = nn.ModuleDict()
+        self.merged: list[str] = []
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise MergeError(f"adapter '{name}' is merged into the weights; call model.unmerge() before deleting it")
+        if name in self.adapters:
+            del self.adapters[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.row_adapters is not None:
+            return self._forward_mixed(x, out)
+        for name in self.active:
+            delta = self.adapters[name] if name in self.adapters else None
+            if delta is not None and name not in self.merged:
+                out = delta(x, out, self)
+        return out
+
+    def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """One adapter per batch row: each distinct adapter runs once on the rows that asked for it."""
+        rows = self.row_adapters
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
+        if self.merged:
+            raise MergeError("mixed-adapter batches need unmerged weights; call model.unmerge() first")
+        result = out.clone()
+        for name in dict.fromkeys(rows):
+            if name == BASE or name not in self.adapters:
+                continue
+            index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+            result[index] = self.adapters[name](x[index], out[index], self)
+        return result
+
+    def merge(self, name: str, safe: bool = True) -> None:
+        if name in self.merged or name not in self.adapters:
+            return
+        delta = self.adapters[name]
+        if not hasattr(delta, "merge_into"):
+            raise MergeError(f"adapter '{name}' ({type(delta).__name__}) cannot be merged into the weights")
+        delta.merge_into(self, safe=safe)
+        self.merged.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged:
+            self.adapters[self.merged.pop()].unmerge_from(self)
+
+    @property
+    def weight_for_merge(self) -> torch.Tensor:
+        return self._parameters["weight"]
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_layer!r}, adapters={list(self.adapters.keys())}"
+
+
+class TrainableCopies(AdapterHost):
+    """``modules_to_save``: ``y = copies[a](x)`` for the active adapter ``a``, else ``base(x)``.
+
+    Each adapter owns a full trainable copy of the module (e.g. a fresh classification head).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.copies = nn.ModuleDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def add_copy(self, name: str) -> nn.Module:
+        replica = copy.deepcopy(self.base_layer)
+        for parameter in replica.parameters():
+            parameter.requires_grad_(True)
+        self.copies[name] = replica
+        return replica
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.copies:
+            del self.copies[name]
+
+    def _chosen(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.base_layer
+
+    def forward(self, *args, **kwargs):
+        if self.row_adapters is not None and not self.disabled:
+            return self._forward_mixed(*args, **kwargs)
+        return self._chosen()(*args, **kwargs)
+
+    def _forward_mixed(self, x: torch.Tensor, *args, **kwargs):
+        rows = self.row_adapters
+        outputs: dict[str, torch.Tensor] = {}
+        for name in dict.fromkeys(rows):
+            module = self.copies[name] if name in self.copies else self.base_layer
+            outputs[name] = module(x, *args, **kwargs)
+        first = outputs[rows[0]]
+        result = first.clone()
+        for i, name in enumerate(rows):
+            result[i] = outputs[name][i]
+        return result
+
+    def unwrap_to(self, names: Iterable[str]) -> nn.Module:
+        """The module to leave in the model on unload: the first listed adapter's copy, else the base."""
+        for name in names:
+            if name in self.copies:
+                return self.copies[name]
+        return self.unwrap()
+
+    def extra_repr(self) -> str:
+        return f"copies={list(self.copies.keys())}"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """Which delta shape a module takes: "linear", "conv1d_t" (transformers' Conv1D), "embedding", "conv"."""
+    if isinstance(module, DeltaLayer):
+        module = module.base_layer
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "conv1d_t"
+    return None
+
+
+SUPPORTED_TYPES = "Linear, Embedding, Conv1d, Conv2d, Conv3d, transformers Conv1D"

@@ -1,0 +1,81 @@
+"""Shared machinery of weight-delta methods: a config that injects ``DeltaLayer`` hosts, and mergeable deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import DeltaConfig
+from ..errors import ConfigError, MergeError
+from ..layers import DeltaLayer, layer_kind
+
+if TYPE_CHECKING:
+    from ..model import DeltaModel
+
+
+@dataclass
+class LayerDeltaConfig(DeltaConfig):
+    """A method that adds a delta module to each targeted layer (LoRA and its family).
+
+    bias: "none" | "all" (every bias in the model trains and is saved) | "lora_only" (biases of targeted layers).
+    """
+
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d_t", "embedding", "conv")
+    mergeable: ClassVar[bool] = True
+
+    bias: str = "none"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+
+    def is_supported(self, module: nn.Module) -> bool:
+        return layer_kind(module) in self.supported_kinds
+
+    def create_delta(self, module: nn.Module, path: str) -> nn.Module:
+        """The delta module for one targeted layer (``module`` is the unwrapped base layer)."""
+        raise NotImplementedError
+
+    def inject(self, model: DeltaModel, name: str, paths: list[str]) -> None:
+        """Add this adapter's delta to each layer in ``paths`` (wrapping plain layers in a ``DeltaLayer``)."""
+        for path in paths:
+            host = model.host_at(path, DeltaLayer)
+            delta = self.create_delta(host.base_layer, path)
+            weight = getattr(host.base_layer, "weight", None)
+            if weight is not None:
+                dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+                dtype = dtype if dtype.is_floating_point else torch.float32
+                delta.to(device=weight.device, dtype=dtype)
+            host.adapters[name] = delta
+
+
+class MergeableDelta(nn.Module):
+    """A delta whose effect is a weight update ``dW``: merge adds it (in float32), unmerge subtracts it."""
+
+    def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
+        """``dW`` in the layout of ``layer.weight`` (float32)."""
+        raise NotImplementedError
+
+    def merge_into(self, layer: DeltaLayer, safe: bool = True) -> None:
+        weight = layer.weight_for_merge
+        merged = weight.detach().float() + self.delta_weight(layer).to(weight.device)
+        if safe and not torch.isfinite(merged).all():
+            raise MergeError(f"merging {type(self).__name__} would put NaN/inf into the weights; nothing was changed")
+        weight.data.copy_(merged.to(weight.dtype))
+
+    def unmerge_from(self, layer: DeltaLayer) -> None:
+        weight = layer.weight_for_merge
+        weight.data.copy_((weight.detach().float() - self.delta_weight(layer).to(weight.device)).to(weight.dtype))
+
+
+def frozen(tensor_owner: Any) -> Any:
+    """Mark a parameter (or every parameter of a module) as never trainable, e.g. AsyLoRA's fixed A."""
+    params = tensor_owner.parameters() if isinstance(tensor_owner, nn.Module) else [tensor_owner]
+    for parameter in params:
+        parameter.requires_grad_(False)
+        parameter._deltatune_frozen = True  # type: ignore[attr-defined]
+    return tensor_owner

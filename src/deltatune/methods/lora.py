@@ -1,0 +1,216 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") and rsLoRA scaling
+(Kalajdzievski 2023): ``y = W0 x + s * B A drop(x)`` with A [r, in] random, B [out, r] zero, s = alpha / r
+(rsLoRA: alpha / sqrt(r))."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check_positive
+from ..errors import ConfigError, TargetError
+from ..layers import DeltaLayer, layer_kind
+from .base import LayerDeltaConfig, MergeableDelta
+
+INITS = {"kaiming", "gaussian", "random", "zeros"}
+_INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "random": False, "zeros": True}
+
+
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern rule: the first key that matches the end of the module path wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+@dataclass
+class LoraConfig(LayerDeltaConfig):
+    """LoRA: ``y = W0 x + s * B A drop(x)``.
+
+    r: rank; alpha: scale numerator (s = alpha/r, or alpha/sqrt(r) with rslora); dropout on the LoRA input;
+    init: "kaiming" (A kaiming-uniform, B zero; PEFT's default), "gaussian" (A ~ N(0, 1/r), B zero),
+    "random" (A and B random: the model differs from the base, for tests), "zeros" (A and B zero, for loading);
+    fan_in_fan_out: None detects it per layer (True for transformers' Conv1D, whose weight is [in, out]);
+    rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the end of the path.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    method: ClassVar[str] = "lora"
+    peft_keys: ClassVar[dict[str, str]] = {
+        **LayerDeltaConfig.peft_keys,
+        "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "bias": "bias", "rslora": "use_rslora",
+        "init": "init_lora_weights", "fan_in_fan_out": "fan_in_fan_out",
+        "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+    }
+    peft_fixed: ClassVar[dict[str, Any]] = {
+        "use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+        "use_qalora": False, "trainable_token_indices": None, "alora_invocation_tokens": None,
+        "use_bdlora": None,
+    }
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    fan_in_fan_out: bool | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def accepts(cls, peft_dict: dict[str, Any]) -> bool:
+        return not peft_dict.get("use_dora", False)
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive("alpha", self.alpha)
+        check_positive("dropout", self.dropout, allow_zero=True)
+        if self.dropout >= 1:
+            raise ConfigError(f"dropout must be < 1, got {self.dropout}")
+        if self.init not in self.inits():
+            raise ConfigError(f"init must be one of {sorted(self.inits())}, got {self.init!r}")
+
+    @classmethod
+    def inits(cls) -> set[str]:
+        return INITS
+
+    @classmethod
+    def encode(cls, name: str, value: Any) -> Any:
+        if name == "init":
+            return _INIT_TO_PEFT.get(value, value)
+        if name == "fan_in_fan_out":
+            return bool(value)
+        return value
+
+    @classmethod
+    def decode(cls, name: str, value: Any) -> Any:
+        if name == "init":
+            if value is True:
+                return "kaiming"
+            if value is False:
+                return "random"
+            return str(value).lower()
+        return value
+
+    def scaling(self, path: str) -> float:
+        r = pattern_value(self.rank_pattern, path, self.r)
+        alpha = pattern_value(self.alpha_pattern, path, self.alpha)
+        return alpha / (math.sqrt(r) if self.rslora else r)
+
+    def create_delta(self, module: nn.Module, path: str) -> nn.Module:
+        r = pattern_value(self.rank_pattern, path, self.r)
+        kind = layer_kind(module)
+        if kind == "embedding":
+            return LoraEmbedding(module.num_embeddings, module.embedding_dim, r, self.scaling(path), self.init)
+        if kind == "conv":
+            return LoraConv(module, r, self.scaling(path), self.dropout, self.init)
+        fan_in_fan_out = kind == "conv1d_t"
+        in_features, out_features = module.weight.shape if fan_in_fan_out else module.weight.shape[::-1]
+        return LoraLinear(in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out)
+
+
+def init_pair(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
+    """Initialise A and B of a Linear/Conv LoRA pair in place."""
+    with torch.no_grad():
+        if init == "zeros":
+            a.zero_()
+            b.zero_()
+            return
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init == "random":
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            b.zero_()
+
+
+class LoraLinear(MergeableDelta):
+    """``out + s * B(A(drop(x)))`` for ``nn.Linear`` and transformers' ``Conv1D`` (``dW = s * B A``, transposed
+    to [in, out] for Conv1D)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, init: str, fan_in_fan_out: bool
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.fan_in_fan_out = fan_in_fan_out
+        init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
+        dtype = self.lora_A.weight.dtype
+        update = self.lora_B(self.lora_A(self.dropout(x.to(dtype)))) * self.scaling
+        return out + update.to(out.dtype)
+
+    def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
+        weight = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return weight.T if self.fan_in_fan_out else weight
+
+
+class LoraEmbedding(MergeableDelta):
+    """``out + s * (A^T[ids]) B^T``: the usual embedding convention, A [r, vocab] zero, B [dim, r] normal."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float, init: str) -> None:
+        super().__init__()
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(embedding_dim, r))
+        self.scaling = scaling
+        with torch.no_grad():
+            if init == "random":
+                self.lora_embedding_A.normal_()
+                self.lora_embedding_B.normal_()
+            elif init != "zeros":
+                self.lora_embedding_B.normal_()
+
+    def forward(self, ids: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
+        base = layer.base_layer
+        after_a = F.embedding(
+            ids, self.lora_embedding_A.T, base.padding_idx, base.max_norm, base.norm_type,
+            base.scale_grad_by_freq, base.sparse,
+        )
+        return out + ((after_a @ self.lora_embedding_B.T) * self.scaling).to(out.dtype)
+
+    def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+
+class LoraConv(MergeableDelta):
+    """``out + s * B(A(drop(x)))`` for ConvNd: A is a conv with the base's kernel/stride/padding/dilation and r
+    output channels, B a 1x1 conv; ``dW[o, i, k] = s * sum_j B[o, j] A[j, i, k]``."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
+        super().__init__()
+        if base.groups != 1:
+            raise TargetError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported; exclude that layer")
+        conv = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else nn.Conv2d
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+            bias=False, padding_mode=base.padding_mode,
+        )
+        self.lora_B = conv(r, base.out_channels, ones, ones, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
+        dtype = self.lora_A.weight.dtype
+        update = self.lora_B(self.lora_A(self.dropout(x.to(dtype)))) * self.scaling
+        return out + update.to(out.dtype)
+
+    def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
+        b = self.lora_B.weight.float().flatten(1)
+        return torch.einsum("or,ri...->oi...", b, self.lora_A.weight.float()) * self.scaling

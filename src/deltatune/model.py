@@ -1,0 +1,313 @@
+"""DeltaModel: a frozen base model plus named adapters (add/set/delete, disable, merge/unmerge/unload)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig
+from .errors import ConfigError, MergeError
+from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies
+from .methods.base import LayerDeltaConfig
+from .targets import base_modules, default_targets, get_module, resolve_modules_to_save, resolve_targets, set_module
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name) or name == BASE:
+        raise ConfigError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' (no dots; {BASE!r} is reserved)"
+        )
+
+
+class DeltaModel(nn.Module):
+    """A base model (frozen, never copied) carrying named adapters; ``forward`` runs the active ones.
+
+    ``self.model`` is the base model itself, modified in place: adapted layers are replaced by transparent
+    hosts that keep the base's parameter names, so ``model.model.state_dict()`` has the base's keys (plus
+    adapter keys) and ``load_state_dict`` accepts a plain base checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, config: DeltaConfig, name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise ConfigError("model is already a DeltaModel; use model.add_adapter(name, config) instead")
+        self.model = model
+        self.configs: dict[str, DeltaConfig] = {}
+        self._active: list[str] = []
+        self._bias_trainable: set[str] = set()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self._register_load_state_dict_pre_hook(self._accept_base_keys, with_module=True)
+        self.add_adapter(name, config)
+        self.set_adapter(name)
+
+    # ---- attribute passthrough ---------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    # ---- adapters ----------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if self._active else ""
+
+    def hosts(self) -> Iterator[tuple[str, AdapterHost]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, AdapterHost):
+                yield path, module
+
+    def host_at(self, path: str, kind: type[AdapterHost]) -> AdapterHost:
+        """The host of the module at ``path``, wrapping the plain module on first use."""
+        module = get_module(self.model, path)
+        if isinstance(module, kind):
+            return module
+        if isinstance(module, AdapterHost):
+            raise ConfigError(f"module '{path}' already carries a {type(module).__name__}; it cannot also be a {kind.__name__}")
+        host = kind(module)
+        set_module(self.model, path, host)
+        return host
+
+    def add_adapter(self, name: str, config: DeltaConfig) -> None:
+        """Add an adapter (inactive unless it is the first); on any error the model is left as it was."""
+        check_adapter_name(name)
+        if name in self.configs:
+            raise ConfigError(f"adapter '{name}' already exists; delete_adapter('{name}') first or pick another name")
+        if not isinstance(config, DeltaConfig):
+            raise ConfigError(f"config must be a deltatune config such as LoraConfig, got {type(config).__name__}")
+        if config.targets is None and isinstance(config, LayerDeltaConfig):
+            config = config.replace(targets=default_targets(self.model))
+        if config.base_model_name_or_path is None:
+            config = config.replace(base_model_name_or_path=getattr(getattr(self.model, "config", None), "_name_or_path", None) or None)
+        paths: list[str] = []
+        if isinstance(config, LayerDeltaConfig):
+            paths = resolve_targets(
+                self.model, config.targets, config.exclude, config.layers, config.layers_pattern, config.is_supported
+            )
+        save_paths = resolve_modules_to_save(self.model, config.modules_to_save) if config.modules_to_save else []
+        self.configs[name] = config
+        try:
+            config.inject(self, name, paths)
+            for path in save_paths:
+                self.host_at(path, TrainableCopies).add_copy(name)
+        except BaseException:
+            self._remove(name)
+            raise
+        self._refresh()
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make ``names`` the active adapters (several active adapters sum their deltas)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            if name not in self.configs:
+                raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(self.configs) or 'none'}")
+        merged = self.merged_adapters
+        if merged and set(merged) - set(names):
+            raise MergeError(f"adapters {merged} are merged into the weights; call model.unmerge() before switching")
+        self._active = names
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.configs:
+            raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(self.configs) or 'none'}")
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter '{name}' is merged into the weights; call model.unmerge() first")
+        self._remove(name)
+        self._active = [a for a in self._active if a != name]
+        self._refresh()
+
+    def _remove(self, name: str) -> None:
+        """Remove every trace of adapter ``name``; hosts left without adapters give their module back."""
+        self.configs.pop(name, None)
+        for path, host in list(self.hosts()):
+            host.remove_adapter(name)
+            if not host.adapter_names():
+                set_module(self.model, path, host.unwrap())
+
+    def _refresh(self) -> None:
+        """Push the active set to every host and set ``requires_grad`` on adapter parameters."""
+        active = tuple(self._active)
+        for _, host in self.hosts():
+            host.active = active
+            holders = host.adapters if isinstance(host, DeltaLayer) else host.copies
+            for adapter_name, holder in holders.items():
+                for parameter in holder.parameters():
+                    if not getattr(parameter, "_deltatune_frozen", False):
+                        parameter.requires_grad_(adapter_name in active)
+        self._refresh_bias(active)
+
+    def _refresh_bias(self, active: tuple[str, ...]) -> None:
+        modes = {self.configs[a].bias for a in active if getattr(self.configs[a], "bias", "none") != "none"}
+        wanted = set(bias_parameter_paths(self, modes))
+        for path, parameter in self.model.named_parameters():
+            if path in wanted:
+                parameter.requires_grad_(True)
+            elif path in self._bias_trainable:
+                parameter.requires_grad_(False)
+        self._bias_trainable = wanted
+
+    # ---- behaviour switches ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside the block the model computes exactly the base model's outputs."""
+        if self.merged_adapters:
+            raise MergeError(f"adapters {self.merged_adapters} are merged into the weights; call model.unmerge() first")
+        hosts = [host for _, host in self.hosts()]
+        previous = [host.disabled for host in hosts]
+        for host in hosts:
+            host.disabled = True
+        try:
+            yield
+        finally:
+            for host, was in zip(hosts, previous):
+                host.disabled = was
+
+    @contextlib.contextmanager
+    def _row_adapters(self, names: list[str] | None) -> Iterator[None]:
+        if names is None:
+            yield
+            return
+        unknown = sorted({n for n in names if n != BASE and n not in self.configs})
+        if unknown:
+            raise ConfigError(f"adapter_names has unknown adapters {unknown}; known: {sorted(self.configs)} and {BASE!r}")
+        hosts = [host for _, host in self.hosts()]
+        for host in hosts:
+            host.row_adapters = list(names)
+        try:
+            yield
+        finally:
+            for host in hosts:
+                host.row_adapters = None
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapters; ``adapter_names`` picks one adapter per row."""
+        with self._row_adapters(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._row_adapters(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    # ---- merging -----------------------------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> list[str]:
+        merged: list[str] = []
+        for _, host in self.hosts():
+            if isinstance(host, DeltaLayer):
+                merged += [m for m in host.merged if m not in merged]
+        return merged
+
+    def merge(self, names: list[str] | str | None = None, safe: bool = True) -> None:
+        """Add the adapters' deltas into the base weights (computed in float32); ``safe`` refuses NaN/inf."""
+        names = self._active if names is None else ([names] if isinstance(names, str) else list(names))
+        for name in names:
+            if name not in self.configs:
+                raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(self.configs)}")
+        blocked = [n for n in names if not getattr(self.configs[n], "mergeable", False)]
+        if blocked:
+            raise MergeError(f"adapters {blocked} ({', '.join(type(self.configs[n]).__name__ for n in blocked)}) cannot be merged into weights")
+        done: list[DeltaLayer] = []
+        try:
+            for _, host in self.hosts():
+                if isinstance(host, DeltaLayer):
+                    for name in names:
+                        if name in host.adapters and name not in host.merged:
+                            host.merge(name, safe=safe)
+                            done.append(host)
+        except BaseException:
+            for host in reversed(done):
+                host.adapters[host.merged.pop()].unmerge_from(host)
+            raise
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta again (restores the weights up to float32 rounding)."""
+        for _, host in self.hosts():
+            if isinstance(host, DeltaLayer):
+                host.unmerge()
+
+    def merge_and_unload(self, names: list[str] | str | None = None, safe: bool = True) -> nn.Module:
+        """Merge, then return the plain base model (its own classes, no wrapper left)."""
+        self.merge(names, safe=safe)
+        return self.unload(keep=names)
+
+    def unload(self, keep: list[str] | str | None = None) -> nn.Module:
+        """Remove every adapter without merging (merged deltas stay in the weights) and return the base model.
+
+        modules_to_save hosts are replaced by the copy of the first adapter in ``keep`` (default: the active ones).
+        """
+        keep = self._active if keep is None else ([keep] if isinstance(keep, str) else list(keep))
+        for path, host in list(self.hosts()):
+            replacement = host.unwrap_to(keep) if isinstance(host, TrainableCopies) else host.unwrap()
+            set_module(self.model, path, replacement)
+        model = self.model
+        self.configs.clear()
+        self._active = []
+        return model
+
+    # ---- parameters and state ----------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def count_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, adapters included in the total."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable(self) -> str:
+        trainable, total = self.count_parameters()
+        line = f"trainable: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+        print(line)
+        return line
+
+    def save(self, directory: str, adapter: str | None = None, **kwargs: Any) -> None:
+        """Write adapters in the PEFT layout (see ``deltatune.io.save``)."""
+        from .io import save
+
+        save(self, directory, adapter=adapter, **kwargs)
+
+    def load_adapter(self, directory: str, name: str = "default", **kwargs: Any) -> DeltaModel:
+        from .io import load
+
+        return load(self, directory, name=name, **kwargs)
+
+    def _accept_base_keys(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Let ``load_state_dict`` take a plain base checkpoint: keys without the ``model.`` prefix are mapped."""
+        own = {k[len("model."):] for k in self.state_dict() if k.startswith("model.")}
+        for key in list(state_dict):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            if rest in own and not (rest.startswith("model.") and rest[len("model."):] in own):
+                state_dict[prefix + "model." + rest] = state_dict.pop(key)
+
+
+def bias_parameter_paths(model: DeltaModel, modes: set[str]) -> list[str]:
+    """Paths (under ``model.model``) of the biases that ``bias="all"`` / ``"lora_only"`` adapters train."""
+    if not modes:
+        return []
+    adapted = {path for path, host in model.hosts() if isinstance(host, DeltaLayer)}
+    return [
+        f"{path}.bias"
+        for path, module in base_modules(model.model)
+        if isinstance(module._parameters.get("bias"), torch.Tensor) and ("all" in modes or path in adapted)
+    ]
+
+
+def wrap(model: nn.Module, config: DeltaConfig, name: str = "default") -> DeltaModel:
+    """Freeze ``model`` in place and add adapter ``name`` built from ``config``; returns the ``DeltaModel``."""
+    return DeltaModel(model, config, name)

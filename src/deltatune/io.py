@@ -62,7 +62,10 @@ def config_dict(model: DeltaModel, name: str) -> dict[str, Any]:
     config = model.configs[name]
     data = config.to_peft_dict()
     if config.task_type is None:
-        data["task_type"] = infer_task_type(model.model)
+        task = infer_task_type(model.model)
+        saves_head = any(isinstance(h, TrainableCopies) and name in h.copies for _, h in model.hosts())
+        # PEFT wraps the head of SEQ_CLS/TOKEN_CLS/QA models itself and then expects its tensors in the file
+        data["task_type"] = task if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or saves_head else None
     if "fan_in_fan_out" in data and getattr(config, "fan_in_fan_out", None) is None:
         data["fan_in_fan_out"] = any(
             getattr(host.adapters[name], "fan_in_fan_out", False)
@@ -219,6 +222,7 @@ def load(
     restore: dict[str, torch.Tensor] = {}
     try:
         expected = adapter_tensors(delta_model, name)
+        expected.update(_base_overrides(delta_model, tensors, expected))
         _check_fit(expected, tensors, directory)
         owned = _adapter_tensor_ids(delta_model)
         with torch.no_grad():
@@ -238,6 +242,21 @@ def load(
     if activate or (activate is None and fresh):
         delta_model.set_adapter(name)
     return delta_model
+
+
+def _base_overrides(
+    model: DeltaModel, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Base weights of adapted layers that a file may carry (PEFT's ``save_embedding_layers`` writes
+    ``<path>.base_layer.weight`` for targeted embeddings); they are loaded into the base, optional."""
+    hosts = dict(model.hosts())
+    found: dict[str, torch.Tensor] = {}
+    for key in tensors:
+        path, marker, param_name = key.rpartition(".base_layer.")
+        host = hosts.get(path)
+        if marker and key not in expected and isinstance(host, DeltaLayer) and param_name in host._parameters:
+            found[key] = host._parameters[param_name]
+    return found
 
 
 def _adapter_tensor_ids(model: DeltaModel) -> set[int]:

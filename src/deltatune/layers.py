@@ -70,7 +70,9 @@ class DeltaLayer(AdapterHost):
     """``y = base(x) + sum_{a active, not merged} delta_a(x)``; each ``delta_a`` lives in ``self.adapters[a]``.
 
     A delta is an ``nn.Module`` with ``forward(x, out, layer) -> out`` (the updated output) and, when mergeable,
-    ``merge_into(layer)`` / ``unmerge_from(layer)``.
+    ``merge_into(layer)`` / ``unmerge_from(layer)``. Deltas with ``transforms_output = True`` (bottleneck adapters:
+    a function of ``out``) run after all other deltas, so they see the full (possibly merged) layer output
+    whatever the order of the active adapters.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -93,10 +95,9 @@ class DeltaLayer(AdapterHost):
             return out
         if self.row_adapters is not None:
             return self._forward_mixed(x, out)
-        for name in self.active:
-            delta = self.adapters[name] if name in self.adapters else None
-            if delta is not None and name not in self.merged:
-                out = delta(x, out, self)
+        deltas = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        for delta in sorted(deltas, key=lambda d: bool(getattr(d, "transforms_output", False))):
+            out = delta(x, out, self)
         return out
 
     def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from .config import DeltaConfig
 from .errors import ConfigError, MergeError
 from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies
 from .methods.base import LayerDeltaConfig
-from .targets import base_modules, default_targets, get_module, resolve_modules_to_save, resolve_targets, set_module
+from .targets import base_modules, get_module, resolve_modules_to_save, resolve_targets, set_module
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -91,7 +92,7 @@ class DeltaModel(nn.Module):
         if not isinstance(config, DeltaConfig):
             raise ConfigError(f"config must be a deltatune config such as LoraConfig, got {type(config).__name__}")
         if config.targets is None and isinstance(config, LayerDeltaConfig):
-            config = config.replace(targets=default_targets(self.model))
+            config = config.replace(targets=config.default_targets(self.model))
         if config.base_model_name_or_path is None:
             config = config.replace(base_model_name_or_path=getattr(getattr(self.model, "config", None), "_name_or_path", None) or None)
         paths: list[str] = []
@@ -212,15 +213,36 @@ class DeltaModel(nn.Module):
                 merged += [m for m in host.merged if m not in merged]
         return merged
 
-    def merge(self, names: list[str] | str | None = None, safe: bool = True) -> None:
-        """Add the adapters' deltas into the base weights (computed in float32); ``safe`` refuses NaN/inf."""
+    def merge(self, names: list[str] | str | None = None, safe: bool = True, skip_unmergeable: bool = False) -> list[str]:
+        """Add the adapters' deltas into the base weights (computed in float32); ``safe`` refuses NaN/inf.
+
+        Adapters that are not weight updates (bottleneck adapters, prompts, prefixes) raise ``MergeError``, unless
+        ``skip_unmergeable``: then only the mergeable ones are merged, the others stay live (a warning lists them).
+        Returns the names left unmerged.
+        """
         names = self._active if names is None else ([names] if isinstance(names, str) else list(names))
         for name in names:
             if name not in self.configs:
                 raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(self.configs)}")
         blocked = [n for n in names if not getattr(self.configs[n], "mergeable", False)]
         if blocked:
-            raise MergeError(f"adapters {blocked} ({', '.join(type(self.configs[n]).__name__ for n in blocked)}) cannot be merged into weights")
+            mergeable = [n for n in names if n not in blocked]
+            if not skip_unmergeable:
+                reasons = "; ".join(
+                    f"'{n}' ({type(self.configs[n]).__name__}: "
+                    f"{getattr(self.configs[n], 'unmergeable_reason', 'its delta is not a weight update')})"
+                    for n in blocked
+                )
+                hint = (
+                    f"pass skip_unmergeable=True to merge only {mergeable} and keep {blocked} as live adapters"
+                    if mergeable else "keep it as a live adapter (it works unmerged), or unload() to drop it"
+                )
+                raise MergeError(f"cannot merge into the weights: {reasons}; {hint}")
+            warnings.warn(
+                f"merged {mergeable}; adapters {blocked} cannot be merged and stay active as unmerged adapters",
+                stacklevel=2,
+            )
+            names = mergeable
         done: list[DeltaLayer] = []
         try:
             for _, host in self.hosts():
@@ -233,6 +255,7 @@ class DeltaModel(nn.Module):
             for host in reversed(done):
                 host.adapters[host.merged.pop()].unmerge_from(host)
             raise
+        return blocked
 
     def unmerge(self) -> None:
         """Subtract every merged delta again (restores the weights up to float32 rounding)."""

@@ -11,6 +11,7 @@ from torch import nn
 from ..config import DeltaConfig
 from ..errors import ConfigError, MergeError
 from ..layers import DeltaLayer, layer_kind
+from ..targets import default_targets
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
@@ -35,6 +36,10 @@ class LayerDeltaConfig(DeltaConfig):
 
     def is_supported(self, module: nn.Module) -> bool:
         return layer_kind(module) in self.supported_kinds
+
+    def default_targets(self, model: nn.Module) -> list[str] | str:
+        """Targets used when ``targets`` is None: this method's usual choice for the model's architecture."""
+        return default_targets(model)
 
     def create_delta(self, module: nn.Module, path: str) -> nn.Module:
         """The delta module for one targeted layer (``module`` is the unwrapped base layer)."""

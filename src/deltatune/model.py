@@ -243,19 +243,44 @@ class DeltaModel(nn.Module):
                 stacklevel=2,
             )
             names = mergeable
+        self._check_untied(names)
+        work = [
+            (path, host, name)
+            for path, host in self.hosts()
+            if isinstance(host, DeltaLayer)
+            for name in names
+            if name in host.adapters and name not in host.merged
+        ]
+        if safe:  # check every layer before writing any, so a refused merge changes nothing
+            for path, host, name in work:
+                candidate = getattr(host.adapters[name], "merged_weight", None)
+                if candidate is not None and not torch.isfinite(candidate(host)).all():
+                    raise MergeError(f"merging adapter '{name}' would put NaN/inf into '{path}'; nothing was changed")
         done: list[DeltaLayer] = []
         try:
-            for _, host in self.hosts():
-                if isinstance(host, DeltaLayer):
-                    for name in names:
-                        if name in host.adapters and name not in host.merged:
-                            host.merge(name, safe=safe)
-                            done.append(host)
+            for _, host, name in work:
+                host.merge(name, safe=safe)
+                done.append(host)
         except BaseException:
             for host in reversed(done):
                 host.adapters[host.merged.pop()].unmerge_from(host)
             raise
         return blocked
+
+    def _check_untied(self, names: list[str]) -> None:
+        """Refuse to merge into a weight shared with another module (tied embeddings / lm_head)."""
+        owners: dict[int, list[str]] = {}
+        for path, parameter in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(parameter), []).append(path)
+        for path, host in self.hosts():
+            if isinstance(host, DeltaLayer) and any(n in host.adapters for n in names):
+                weight = host._parameters.get("weight")
+                shared = [p for p in owners.get(id(weight), []) if p != f"{path}.weight"] if weight is not None else []
+                if shared:
+                    raise MergeError(
+                        f"the weight of '{path}' is tied to {shared}; merging would change both. Untie the "
+                        f"weights first (e.g. clone lm_head.weight) or do not target tied layers"
+                    )
 
     def unmerge(self) -> None:
         """Subtract every merged delta again (restores the weights up to float32 rounding)."""

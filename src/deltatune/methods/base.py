@@ -65,9 +65,14 @@ class MergeableDelta(nn.Module):
         """``dW`` in the layout of ``layer.weight`` (float32)."""
         raise NotImplementedError
 
+    def merged_weight(self, layer: DeltaLayer) -> torch.Tensor:
+        """The float32 weight the layer would hold after merging (``W0 + dW``)."""
+        weight = layer.weight_for_merge
+        return weight.detach().float() + self.delta_weight(layer).to(weight.device)
+
     def merge_into(self, layer: DeltaLayer, safe: bool = True) -> None:
         weight = layer.weight_for_merge
-        merged = weight.detach().float() + self.delta_weight(layer).to(weight.device)
+        merged = self.merged_weight(layer)
         if safe and not torch.isfinite(merged).all():
             raise MergeError(f"merging {type(self).__name__} would put NaN/inf into the weights; nothing was changed")
         weight.data.copy_(merged.to(weight.dtype))

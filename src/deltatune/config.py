@@ -40,7 +40,6 @@ class DeltaConfig:
         "modules_to_save": "modules_to_save",
         "base_model_name_or_path": "base_model_name_or_path",
         "task_type": "task_type",
-        "inference_mode": "inference_mode",
     }
     # keys PEFT's loader expects with these values; a file with another value uses a feature we lack
     peft_fixed: ClassVar[dict[str, Any]] = {}
@@ -52,7 +51,6 @@ class DeltaConfig:
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
-    inference_mode: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys read from a file
 
     def __post_init__(self) -> None:
@@ -66,6 +64,18 @@ class DeltaConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` for values that cannot work."""
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not _is_str_list(value):
+                raise ConfigError(f"{name} must be a list of module names, a regex string or 'all-linear', got {value!r}")
+        if self.layers is not None and not (
+            isinstance(self.layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+        ):
+            raise ConfigError(f"layers must be a list of block indices (ints >= 0), got {self.layers!r}")
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
+            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str) and not _is_str_list(self.layers_pattern):
+            raise ConfigError(f"layers_pattern must be a name or list of names, got {self.layers_pattern!r}")
 
     # ---- PEFT dictionaries -------------------------------------------------------------------------------------
     @classmethod
@@ -135,6 +145,10 @@ def config_from_peft_dict(data: Any) -> DeltaConfig:
             return cls.from_peft_dict(data)
     known = sorted({cls.peft_type for cls in METHODS.values()})
     raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

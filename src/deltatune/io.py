@@ -99,8 +99,12 @@ def save_adapter(model: DeltaModel, directory: str | os.PathLike, name: str) -> 
         raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(model.configs)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PREFIX + k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_tensors(model, name).items()}
-    text = json.dumps(config_dict(model, name), indent=2, sort_keys=True) + "\n"
+    raw, data = adapter_tensors(model, name), config_dict(model, name)
+    export = getattr(model.configs[name], "export_for_save", None)  # e.g. PiSSA -> plain LoRA, as PEFT converts
+    if export is not None:
+        data, raw = export(model, name, data, raw)
+    tensors = {PREFIX + k: v.detach().to("cpu").clone().contiguous() for k, v in raw.items()}
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     metadata = {"format": "pt", "written_by": "deltatune"}
     weights_tmp = _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     try:
@@ -236,6 +240,7 @@ def load(
                 expected[key].copy_(old)
         if fresh:
             delta_model.unload()
+            delta_model.restore_requires_grad()
         else:
             delta_model.delete_adapter(name)
         raise

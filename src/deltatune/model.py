@@ -43,11 +43,21 @@ class DeltaModel(nn.Module):
         self.configs: dict[str, DeltaConfig] = {}
         self._active: list[str] = []
         self._bias_trainable: set[str] = set()
+        self._base_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self._register_load_state_dict_pre_hook(self._accept_base_keys, with_module=True)
-        self.add_adapter(name, config)
+        try:
+            self.add_adapter(name, config)
+        except BaseException:
+            self.restore_requires_grad()
+            raise
         self.set_adapter(name)
+
+    def restore_requires_grad(self) -> None:
+        """Give base parameters back the ``requires_grad`` flags they had before wrapping."""
+        for parameter, flag in self._base_requires_grad:
+            parameter.requires_grad_(flag)
 
     # ---- attribute passthrough ---------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -263,7 +273,7 @@ class DeltaModel(nn.Module):
                 done.append(host)
         except BaseException:
             for host in reversed(done):
-                host.adapters[host.merged.pop()].unmerge_from(host)
+                host.unmerge_last()
             raise
         return blocked
 
@@ -288,8 +298,18 @@ class DeltaModel(nn.Module):
             if isinstance(host, DeltaLayer):
                 host.unmerge()
 
-    def merge_and_unload(self, names: list[str] | str | None = None, safe: bool = True) -> nn.Module:
-        """Merge, then return the plain base model (its own classes, no wrapper left)."""
+    def merge_and_unload(
+        self, names: list[str] | str | None = None, safe: bool = True, dequantize: bool = False
+    ) -> nn.Module:
+        """Merge, then return the plain base model (its own classes, no wrapper left).
+
+        ``dequantize``: first replace 4-bit layers (``quantize_nf4``, bitsandbytes) by dense ``nn.Linear`` holding
+        their dequantized weights, so the result is dense and each merged weight is exactly ``dequant(W) + dW``.
+        """
+        if dequantize:
+            from .quant import dequantize_model
+
+            dequantize_model(self.model)
         self.merge(names, safe=safe)
         return self.unload(keep=names)
 

@@ -15,8 +15,9 @@ from torch import nn
 
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
-from ..layers import DeltaLayer, layer_kind
+from ..layers import DeltaLayer, layer_kind, linear_features
 from .base import LayerDeltaConfig, MergeableDelta
+from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
 INITS = {"kaiming", "gaussian", "random", "zeros"}
 _INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "random": False, "zeros": True}
@@ -36,8 +37,10 @@ class LoraConfig(LayerDeltaConfig):
 
     r: rank; alpha: scale numerator (s = alpha/r, or alpha/sqrt(r) with rslora); dropout on the LoRA input;
     init: "kaiming" (A kaiming-uniform, B zero; PEFT's default), "gaussian" (A ~ N(0, 1/r), B zero),
-    "random" (A and B random: the model differs from the base, for tests), "zeros" (A and B zero, for loading);
-    fan_in_fan_out: None detects it per layer (True for transformers' Conv1D, whose weight is [in, out]);
+    "random" (A and B random: the model differs from the base, for tests), "zeros" (A and B zero, for loading),
+    "pissa" / "olora" (A, B from the SVD / QR of W0, which is replaced by the residual; see ``lora_init``);
+    fan_in_fan_out: detected per layer (True for transformers' Conv1D, whose weight is [in, out]); the field
+      exists for PEFT files, where it is written as True when any targeted layer is a Conv1D;
     rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the end of the path.
     """
 
@@ -76,12 +79,35 @@ class LoraConfig(LayerDeltaConfig):
         check_positive("dropout", self.dropout, allow_zero=True)
         if self.dropout >= 1:
             raise ConfigError(f"dropout must be < 1, got {self.dropout}")
-        if self.init not in self.inits():
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"rslora must be true or false, got {self.rslora!r}")
+        for name, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                            ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
+                raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}")
+            for key in pattern:
+                try:
+                    re.compile(key)
+                except re.error as error:
+                    raise ConfigError(f"{name} key {key!r} is not a valid regex: {error}") from error
+        if not isinstance(self.init, str) or self.init not in self.inits():
             raise ConfigError(f"init must be one of {sorted(self.inits())}, got {self.init!r}")
 
     @classmethod
     def inits(cls) -> set[str]:
-        return INITS
+        return INITS | PRINCIPAL_INITS
+
+    def inject(self, model: Any, name: str, paths: list[str]) -> None:
+        super().inject(model, name, paths)
+        if self.init in PRINCIPAL_INITS:
+            principal_init(model, name, paths, self.init)
+
+    def export_for_save(self, model: Any, name: str, data: dict, tensors: dict) -> tuple[dict, dict]:
+        """PiSSA/OLoRA adapters are saved as plain rank-2r LoRA on the original base (as PEFT converts them)."""
+        if self.init in PRINCIPAL_INITS:
+            return export_plain_lora(model, name, data, tensors)
+        return data, tensors
 
     @classmethod
     def encode(cls, name: str, value: Any) -> Any:
@@ -99,6 +125,8 @@ class LoraConfig(LayerDeltaConfig):
             if value is False:
                 return "random"
             return str(value).lower()
+        if name == "fan_in_fan_out":
+            return None  # always detected per layer from its type; the file value only informs PEFT
         return value
 
     def scaling(self, path: str) -> float:
@@ -114,7 +142,7 @@ class LoraConfig(LayerDeltaConfig):
         if kind == "conv":
             return LoraConv(module, r, self.scaling(path), self.dropout, self.init)
         fan_in_fan_out = kind == "conv1d_t"
-        in_features, out_features = module.weight.shape if fan_in_fan_out else module.weight.shape[::-1]
+        in_features, out_features = linear_features(module)
         return LoraLinear(in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out)
 
 

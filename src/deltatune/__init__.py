@@ -5,12 +5,23 @@ from __future__ import annotations
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
 from .io import load, save
-from .methods import METHODS, AdapterConfig, HoulsbyConfig, LoraConfig, PfeifferConfig
+from .methods import (
+    METHODS,
+    AdapterConfig,
+    HoulsbyConfig,
+    LoraConfig,
+    PfeifferConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    PTuningV2Config,
+)
 from .model import DeltaModel, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config",
     "AdapterConfig", "HoulsbyConfig", "PfeifferConfig",
     "METHODS", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig",
     "MergeError", "TargetError", "__version__", "load", "save", "wrap",

@@ -36,7 +36,10 @@ def adapter_tensors(model: DeltaModel, name: str) -> dict[str, torch.Tensor]:
     """The live tensors of adapter ``name``, keyed as in the file (without the ``base_model.model.`` prefix)."""
     tensors: dict[str, torch.Tensor] = {}
     for path, host in model.hosts():
-        if isinstance(host, DeltaLayer) and name in host.adapters:
+        if hasattr(type(host), "file_tensors"):  # model-level adapters (prompts, prefixes): keys chosen by the host
+            if name in host.adapters:
+                tensors.update(host.file_tensors(name))
+        elif isinstance(host, DeltaLayer) and name in host.adapters:
             for key, tensor in host.adapters[name].state_dict(keep_vars=True).items():
                 tensors[f"{path}.{key}"] = tensor
         elif isinstance(host, TrainableCopies) and name in host.copies:
@@ -103,7 +106,7 @@ def save_adapter(model: DeltaModel, directory: str | os.PathLike, name: str) -> 
     export = getattr(model.configs[name], "export_for_save", None)  # e.g. PiSSA -> plain LoRA, as PEFT converts
     if export is not None:
         data, raw = export(model, name, data, raw)
-    tensors = {PREFIX + k: v.detach().to("cpu").clone().contiguous() for k, v in raw.items()}
+    tensors = {file_key(model.configs[name], k): v.detach().to("cpu").clone().contiguous() for k, v in raw.items()}
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     metadata = {"format": "pt", "written_by": "deltatune"}
     weights_tmp = _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
@@ -145,7 +148,15 @@ def read_config(directory: Path) -> DeltaConfig:
         raise ConfigError(f"{path} holds an invalid adapter config: {error}") from error
 
 
-def read_tensors(directory: Path, allow_bin: bool = False) -> dict[str, torch.Tensor]:
+def file_key(config: DeltaConfig, key: str) -> str:
+    """The file key of an adapter tensor: ``<prefix><key>`` (PEFT: ``base_model.model.`` for layer methods,
+    ``base_model.`` for prompt methods), except keys PEFT stores at the top level (``prompt_embeddings``)."""
+    if key in getattr(config, "file_root_keys", ()):
+        return key
+    return getattr(config, "file_prefix", PREFIX) + key
+
+
+def read_tensors(directory: Path, allow_bin: bool = False, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if path.is_file():
         from safetensors.torch import load_file
@@ -171,7 +182,7 @@ def read_tensors(directory: Path, allow_bin: bool = False) -> dict[str, torch.Te
             raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
     else:
         raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}; point at a folder written by model.save() or PEFT")
-    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
 
 
 def _check_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory: Path) -> None:
@@ -214,8 +225,11 @@ def load(
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     config = read_config(directory)
-    tensors = read_tensors(directory, allow_bin=allow_bin)
-    loading_config = config.replace(init="zeros") if hasattr(config, "init") else config
+    tensors = read_tensors(directory, allow_bin=allow_bin, prefix=getattr(config, "file_prefix", PREFIX))
+    if hasattr(config, "for_loading"):  # the form whose live tensors the file fills (e.g. a prompt without encoder)
+        loading_config = config.for_loading()
+    else:
+        loading_config = config.replace(init="zeros") if hasattr(config, "init") else config
     fresh = not isinstance(model, DeltaModel)
     if fresh:
         delta_model = DeltaModel(model, loading_config, name)
@@ -268,6 +282,6 @@ def _adapter_tensor_ids(model: DeltaModel) -> set[int]:
     """ids of every tensor that belongs to an adapter (not to the base model)."""
     ids: set[int] = set()
     for _, host in model.hosts():
-        holders = host.adapters if isinstance(host, DeltaLayer) else host.copies
+        holders = host.copies if isinstance(host, TrainableCopies) else host.adapters
         ids |= {id(t) for t in holders.state_dict(keep_vars=True).values()}
     return ids

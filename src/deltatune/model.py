@@ -155,7 +155,7 @@ class DeltaModel(nn.Module):
         active = tuple(self._active)
         for _, host in self.hosts():
             host.active = active
-            holders = host.adapters if isinstance(host, DeltaLayer) else host.copies
+            holders = host.copies if isinstance(host, TrainableCopies) else host.adapters
             for adapter_name, holder in holders.items():
                 for parameter in holder.parameters():
                     if not getattr(parameter, "_deltatune_frozen", False):

@@ -180,9 +180,13 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, new: nn.Module | None) -> None:
+    """Put ``new`` at ``path``; ``None`` removes the module there (a host that stands for no base module)."""
     parent_path, _, leaf = path.rpartition(".")
     parent = get_module(model, parent_path) if parent_path else model
-    parent._modules[leaf] = new
-    if isinstance(parent, AdapterHost):
-        parent.base_layer._modules[leaf] = new
+    owners = [parent, parent.base_layer] if isinstance(parent, AdapterHost) else [parent]
+    for owner in owners:
+        if new is None:
+            owner._modules.pop(leaf, None)
+        else:
+            owner._modules[leaf] = new

@@ -17,6 +17,7 @@ from .methods import (
     PTuningV2Config,
 )
 from .model import DeltaModel, wrap
+from .quant import quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "AdapterConfig", "HoulsbyConfig", "PfeifferConfig",
     "METHODS", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig",
     "MergeError", "TargetError", "__version__", "load", "save", "wrap",
+    "quantize_nf4",
 ]

@@ -9,7 +9,7 @@ The base module itself is kept outside the module tree (``host.base_layer``) and
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -55,6 +55,18 @@ class AdapterHost(nn.Module):
     def remove_adapter(self, name: str) -> None:
         raise NotImplementedError
 
+    def swap_base(self, new: nn.Module) -> None:
+        """Put ``new`` in the base module's place (e.g. a dequantized copy of it); adapters stay."""
+        old = self.base_layer
+        for child_name in old._modules:
+            self._modules.pop(child_name, None)
+        self.__dict__["base_layer"] = new
+        self._parameters = new._parameters
+        self._buffers = new._buffers
+        self._non_persistent_buffers_set = new._non_persistent_buffers_set
+        for child_name, child in new._modules.items():
+            self._modules[child_name] = child
+
     def unwrap(self) -> nn.Module:
         """Return the base module, holding the host's current parameters."""
         base = self.base_layer
@@ -79,6 +91,7 @@ class DeltaLayer(AdapterHost):
         super().__init__(base)
         self.adapters = nn.ModuleDict()
         self.merged: list[str] = []
+        self._dense_weight: torch.Tensor | None = None  # quantized bases: the dense weight a merge edits in place
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
@@ -121,15 +134,40 @@ class DeltaLayer(AdapterHost):
         delta = self.adapters[name]
         if not hasattr(delta, "merge_into"):
             raise MergeError(f"adapter '{name}' ({type(delta).__name__}) cannot be merged into the weights")
-        delta.merge_into(self, safe=safe)
+        self._edit_weight(lambda: delta.merge_into(self, safe=safe))
         self.merged.append(name)
 
     def unmerge(self) -> None:
         while self.merged:
-            self.adapters[self.merged.pop()].unmerge_from(self)
+            self.unmerge_last()
+
+    def unmerge_last(self) -> None:
+        delta = self.adapters[self.merged.pop()]
+        self._edit_weight(lambda: delta.unmerge_from(self))
+
+    def _edit_weight(self, edit: Callable[[], None]) -> None:
+        """Run a merge/unmerge; a quantized base is dequantized first, edited in place, then re-quantized."""
+        if not is_quantized(self.base_layer):
+            edit()
+            return
+        from .quant import dequantized_weight, requantize
+
+        self._dense_weight = dequantized_weight(self.base_layer)
+        try:
+            edit()
+            requantize(self.base_layer, self._dense_weight)
+        finally:
+            self._dense_weight = None
 
     @property
     def weight_for_merge(self) -> torch.Tensor:
+        """The base weight merges read and edit in place; for a quantized base, a dense dequantized copy."""
+        if self._dense_weight is not None:
+            return self._dense_weight
+        if is_quantized(self.base_layer):
+            from .quant import dequantized_weight
+
+            return dequantized_weight(self.base_layer)
         return self._parameters["weight"]
 
     def extra_repr(self) -> str:
@@ -199,6 +237,9 @@ def layer_kind(module: nn.Module) -> str | None:
     """Which delta shape a module takes: "linear", "conv1d_t" (transformers' Conv1D), "embedding", "conv"."""
     if isinstance(module, DeltaLayer):
         module = module.base_layer
+    kind = getattr(type(module), "deltatune_kind", None)  # e.g. deltatune.quant.NF4Linear
+    if kind is not None:
+        return kind
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -211,3 +252,21 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 SUPPORTED_TYPES = "Linear, Embedding, Conv1d, Conv2d, Conv3d, transformers Conv1D"
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether a module stores its weight 4-bit quantized (``deltatune.quant.NF4Linear``, bitsandbytes ``Linear4bit``)."""
+    if isinstance(module, AdapterHost):
+        module = module.base_layer
+    if getattr(type(module), "deltatune_quantized", False):
+        return True
+    return type(module._parameters.get("weight")).__name__ == "Params4bit"
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a "linear" or "conv1d_t" layer, also when its weight is stored packed."""
+    if isinstance(module, AdapterHost):
+        module = module.base_layer
+    if layer_kind(module) == "conv1d_t":
+        return tuple(module.weight.shape)  # Conv1D stores [in, out]
+    return module.in_features, module.out_features

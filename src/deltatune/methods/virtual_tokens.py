@@ -10,7 +10,8 @@ rewrites the call's keyword arguments for the active adapters, which also covers
 
 With ``V`` virtual tokens in all, on every call the 2-D ``attention_mask`` gets ``V`` leading ones, ``position_ids``
 (and ``cache_position`` when given) are shifted by ``V``, and on prefill ``labels`` get ``-100`` and
-``token_type_ids`` get ``0`` for the prompt-kind positions. The caller's tensors never include the virtual tokens.
+``token_type_ids`` get ``0`` for the prompt-kind positions (only per-token labels [batch, seq]; sequence labels are
+left alone). The caller's tensors never include the virtual tokens.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def add_virtual_tokens(root: nn.Module, kwargs: dict[str, Any], modules: list[nn
         out["inputs_embeds"] = torch.cat([virtual.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
         out["input_ids"] = None
         n_prompt = n_total - n_kv
-        if kwargs.get("labels") is not None:
-            labels = kwargs["labels"]
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == embeds.shape[1]:
             out["labels"] = torch.cat([labels.new_full((labels.shape[0], n_prompt), -100), labels], dim=1)
         if kwargs.get("token_type_ids") is not None:
             types = kwargs["token_type_ids"]

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 import deltatune as dt
+from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 from deltatune.methods.virtual_tokens import HOST_NAME
 
 peft = pytest.importorskip("peft")

@@ -1,18 +1,243 @@
-"""The ``deltatune`` command."""
+"""The ``deltatune`` command: train / compare / eval / merge / inspect.
+
+Method options are generated from the dataclass fields of every config class in ``deltatune.methods.METHODS``
+(``--r``, ``--alpha``, ``--targets`` ...); a field whose flag would clash with a trainer flag is set with
+``--set FIELD=VALUE``. Errors print one line and exit with 2 (1 for a failed run, 130 when interrupted);
+``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__
+from .errors import ConfigError, DeltatuneError
+
+FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
+               "prompt": "--prompt-field", "completion": "--completion-field"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``deltatune train: error: ... (see deltatune train --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def add_data(p: argparse.ArgumentParser, eval_only: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=eval_only, help="folder with train.* and dev.*/validation.* and/or test.* "
+                   "(jsonl, jsonl.gz, csv, tsv, parquet), or a Hugging Face dataset name[:config] (online)")
+    g.add_argument("--task", choices=("classification", "causal-lm"), help="default: classification when rows have a label")
+    g.add_argument("--max-length", type=int, default=None if eval_only else 128, help="truncate to this many tokens (128)")
+    if not eval_only:
+        g.add_argument("--max-train", type=int, help="train on a seeded random subset of N rows")
+    g.add_argument("--max-eval", type=int, help="evaluate on a seeded random subset of N rows per split")
+    for name, flag in FIELD_FLAGS.items():
+        g.add_argument(flag, dest=f"field_{name}", metavar="NAME", help=f"column holding '{name}' (default {name})")
+
+
+def add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training")
+    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), or 'minilm' (bundled, default)")
+    g.add_argument("--k", type=int, default=2, help="last-layers: number of final blocks to train (2)")
+    g.add_argument("--config", help="YAML/JSON file of method options (field names, or a PEFT adapter_config.json)")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any method config field")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, help="learning rate (default per method: full 5e-5, last-layers 1e-4, head 2e-3, adapters 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--optimizer", default="adamw", help="any torch.optim class name (adamw)")
+    g.add_argument("--optimizer-args", default="{}", help="JSON of extra optimizer arguments")
+    g.add_argument("--scheduler", choices=("linear", "cosine", "constant"), default="linear")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps if < 1, else steps (0.1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: off)")
+    g.add_argument("--loraplus-ratio", type=float, help="LoRA+: lr of the B matrices = ratio * lr")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch end)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each evaluation)")
+    g.add_argument("--metric", help="model-selection metric: accuracy, f1, mcc, loss (default accuracy / LM loss)")
+    g.add_argument("--threads", type=int, help="torch threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    from .train.options import option_table
+
+    g = p.add_argument_group("method options (from the registered method configs)")
+    taken = set(p._option_string_actions)
+    for name, methods in option_table().items():
+        flag = "--" + name.replace("_", "-")
+        if flag in taken:
+            continue
+        g.add_argument(flag, dest=f"opt__{name}", metavar="V", help=f"[{', '.join(methods)}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning for PyTorch models.")
+    from .train.options import all_methods
+
+    parser = Parser(prog="deltatune", description="Parameter-efficient fine-tuning for PyTorch models.")
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    methods = ", ".join(all_methods())
+
+    train = sub.add_parser("train", help="train one method; writes a run folder", description=f"methods: {methods}")
+    train.add_argument("--method", help=f"one of: {methods} (default lora)")
+    train.add_argument("--out", default="runs/run", help="run folder (runs/run)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a run")
+    train.add_argument("--settings-file", help=argparse.SUPPRESS)
+    add_data(train)
+    add_training(train)
+    add_method_options(train)
+    add_common(train)
+
+    compare = sub.add_parser("compare", help="train several methods with the same budget; print a table",
+                             description=f"methods: {methods}")
+    compare.add_argument("--methods", default="full,head,last-layers,lora", help="comma list (full,head,last-layers,lora)")
+    compare.add_argument("--out", default="runs/compare", help="folder for the runs and the report (runs/compare)")
+    add_data(compare)
+    add_training(compare)
+    add_method_options(compare)
+    add_common(compare)
+
+    ev = sub.add_parser("eval", help="evaluate a base model with an adapter / run folder")
+    ev.add_argument("--model", help="base model (default: the one recorded in the run folder)")
+    ev.add_argument("--adapter", help="adapter or run folder")
+    ev.add_argument("--split", help="comma list of splits (default: dev and test)")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--predictions", help="write per-row predictions and logits to this jsonl file")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_data(ev, eval_only=True)
+    add_common(ev)
+
+    merge = sub.add_parser("merge", help="merge an adapter into the base; write a plain HF model folder")
+    merge.add_argument("--model", help="base model (default: the one recorded in the run folder)")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--task", choices=("classification", "causal-lm"))
+    merge.add_argument("--overwrite", action="store_true")
+    add_common(merge)
+
+    inspect = sub.add_parser("inspect", help="print an adapter's config, tensors and parameter count")
+    inspect.add_argument("adapter")
+    add_common(inspect)
     return parser
+
+
+# ---- args -> settings --------------------------------------------------------------------------------------------
+def _fields(args: argparse.Namespace) -> dict[str, str]:
+    return {name: getattr(args, f"field_{name}") for name in FIELD_FLAGS if getattr(args, f"field_{name}", None)}
+
+
+def settings_from_args(args: argparse.Namespace, method: str) -> Any:
+    from .train.options import method_from_file, read_config_file
+    from .train.settings import RunSettings
+
+    options = {k[len("opt__"):]: v for k, v in vars(args).items() if k.startswith("opt__") and v is not None}
+    for item in args.set:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        options[name.strip().replace("-", "_")] = value
+    if not args.data:
+        raise ConfigError("--data is required: a folder with train/dev/test files, or a Hugging Face dataset name")
+    file_values: dict[str, Any] = {}
+    if args.config:
+        file_values = read_config_file(args.config)
+        method = method or method_from_file(file_values) or "lora"
+    try:
+        optimizer_args = json.loads(args.optimizer_args)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--optimizer-args must be a JSON object: {error}") from error
+    if not isinstance(optimizer_args, dict):
+        raise ConfigError("--optimizer-args must be a JSON object such as '{\"betas\": [0.9, 0.99]}'")
+    return RunSettings(
+        data=args.data, model=args.model, method=method or "lora", method_options=options, config_values=file_values,
+        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, max_train=args.max_train,
+        max_eval=args.max_eval, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+        optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio, seed=args.seed, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, group_by_length=not args.no_group_by_length,
+        eval_every=args.eval_every, save_every=args.save_every, metric=args.metric, threads=args.threads,
+        out=args.out, resume=getattr(args, "resume", False), quiet=args.quiet,
+    )
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .report import format_table
+    from .train.run import run_training
+    from .train.settings import RunSettings
+
+    if args.settings_file:
+        settings = RunSettings.from_dict(json.loads(Path(args.settings_file).read_text(encoding="utf-8")))
+    else:
+        settings = settings_from_args(args, args.method)
+    record = run_training(settings, overwrite=args.overwrite)
+    results = record["results"]
+    print(format_table([results], results["metric"]))
+    print(f"run folder: {settings.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods is empty; e.g. --methods full,head,last-layers,lora")
+    peft = next((m for m in methods if m not in ("full", "head", "last-layers")), None)
+    settings = settings_from_args(args, peft or methods[0])
+    compare(settings, methods, Path(args.out), debug=args.debug)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.inference import run_eval
+
+    args.fields = _fields(args)
+    results = run_eval(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for split, metrics in results.items():
+            print(f"{split}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .train.inference import run_merge
+
+    out = run_merge(args)
+    print(f"merged model written to {out} (loads with transformers' from_pretrained, no deltatune needed)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .train.inference import inspect_text
+
+    print(inspect_text(Path(args.adapter)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +246,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    from .compare import CompareError
+    from .train.trainer import Interrupted, TrainingError
+
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, Interrupted):
+            print(f"deltatune {args.command}: {error}", file=sys.stderr)
+            return 130
+        if isinstance(error, (TrainingError, CompareError)):
+            print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
+            return 1
+        if isinstance(error, DeltatuneError):
+            print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

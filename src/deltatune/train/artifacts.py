@@ -1,0 +1,140 @@
+"""What a run leaves behind and how it is read back.
+
+- adapter methods: the PEFT-layout adapter (``adapter_config.json`` + ``adapter_model.safetensors``, see ``io``);
+- baselines: ``baseline.json`` + ``baseline.safetensors`` holding the trained tensors under the base model's own
+  state-dict keys (all of them for ``full``);
+- ``checkpoint.pt``: trainable tensors, optimizer, scheduler, RNG and data position for ``--resume``; written to a
+  temp file and renamed, so a crash mid-write keeps the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterFileError
+from ..io import CONFIG_NAME, WEIGHTS_NAME
+from ..io import load as load_adapter
+from ..model import DeltaModel
+
+BASELINE_CONFIG = "baseline.json"
+BASELINE_WEIGHTS = "baseline.safetensors"
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` for a temp file next to ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors, keyed by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+# ---- final artifacts ---------------------------------------------------------------------------------------------
+def save_trained(model: nn.Module, directory: Path, method: str, info: dict[str, Any]) -> None:
+    """Write the trained weights of a run: the adapter (PEFT layout) or the baseline's trained tensors."""
+    if isinstance(model, DeltaModel):
+        model.save(str(directory))
+        return
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    atomic_write(directory / BASELINE_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps({"method": method, **info, "tensors": len(tensors)}, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / BASELINE_CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def artifact_kind(directory: Path) -> str:
+    if (directory / CONFIG_NAME).is_file():
+        return "adapter"
+    if (directory / BASELINE_CONFIG).is_file():
+        return "baseline"
+    raise AdapterFileError(
+        f"{directory} holds neither an adapter ({CONFIG_NAME}) nor baseline weights ({BASELINE_CONFIG}); "
+        f"point at a run folder written by 'deltatune train' or an adapter folder"
+    )
+
+
+def artifact_files(directory: Path) -> list[Path]:
+    names = (CONFIG_NAME, WEIGHTS_NAME) if artifact_kind(directory) == "adapter" else (BASELINE_CONFIG, BASELINE_WEIGHTS)
+    return [directory / n for n in names if (directory / n).is_file()]
+
+
+def artifact_size(directory: Path) -> int:
+    """Bytes on disk of the trained weights (+ their config file)."""
+    return sum(p.stat().st_size for p in artifact_files(directory))
+
+
+def load_trained(model: nn.Module, directory: Path) -> nn.Module:
+    """Apply a run's weights to a freshly loaded base model: an adapter gives a ``DeltaModel``, a baseline
+    overwrites the base's tensors in place (every key must exist with the same shape)."""
+    if artifact_kind(directory) == "adapter":
+        return load_adapter(model, str(directory))
+    from safetensors.torch import load_file
+
+    path = directory / BASELINE_WEIGHTS
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing; the run did not finish writing its weights")
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    bad = [k for k, v in tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise AdapterFileError(
+            f"weights in {directory} do not fit this model ({len(bad)} tensors missing or of another shape, e.g. "
+            f"{bad[0]}); was it trained on another base model?"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def restore_saved(model: nn.Module, directory: Path) -> None:
+    """Copy the weights a run saved in ``directory`` back into the live ``model`` it was trained as."""
+    if isinstance(model, DeltaModel):
+        from ..io import adapter_tensors, read_tensors
+
+        saved = read_tensors(directory)
+        with torch.no_grad():
+            for key, tensor in adapter_tensors(model, model.active_adapter).items():
+                tensor.copy_(saved[key])
+        return
+    from safetensors.torch import load_file
+
+    restore_trainable(model, load_file(str(directory / BASELINE_WEIGHTS)))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise AdapterFileError(f"checkpoint {path} could not be read ({error}); delete it to start over") from error

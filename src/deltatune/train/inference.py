@@ -1,0 +1,161 @@
+"""``deltatune eval``, ``merge`` and ``inspect``: use what a run (or HF PEFT) wrote, on a freshly loaded base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import AdapterFileError, ConfigError
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..model import DeltaModel
+from .artifacts import BASELINE_CONFIG, BASELINE_WEIGHTS, artifact_kind, artifact_size, load_trained
+from .models import load_model, load_tokenizer, quiet_transformers, resolve_model
+from .run import prepare_data, read_run
+from .settings import RunSettings
+from .tasks import evaluate
+
+TASK_TYPES = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    return shapes
+
+
+def artifact_info(directory: Path | None) -> dict[str, Any]:
+    """What a folder says about how to rebuild its model: task, labels, model, fields, max length."""
+    if directory is None:
+        return {}
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter folder {directory} does not exist")
+    kind = artifact_kind(directory)
+    info: dict[str, Any] = {}
+    run = read_run(directory)
+    if run is not None:
+        settings = run.get("settings", {})
+        info.update(task=run.get("task"), labels=run.get("labels"), model=settings.get("model"),
+                    fields=settings.get("fields", {}), max_length=settings.get("max_length"))
+    elif kind == "baseline":
+        data = json.loads((directory / BASELINE_CONFIG).read_text(encoding="utf-8"))
+        info.update(task=data.get("task"), labels=data.get("labels"), model=data.get("base_model"))
+    else:
+        config = read_config(directory)
+        info["task"] = TASK_TYPES.get(config.task_type or "")
+        info["model"] = config.base_model_name_or_path
+        for name in config.modules_to_save or []:
+            for key, (shape, _) in _tensor_shapes(directory / WEIGHTS_NAME).items():
+                if key.endswith(f"{name}.weight") and len(shape) == 2 and info.get("task") == "classification":
+                    info["labels"] = shape[0]
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def load_for_inference(model_name: str | None, adapter: Path | None, task: str | None, labels: Any, seed: int = 0) -> tuple[nn.Module, Any, str, Any]:
+    """(model with the trained weights applied, tokenizer, task, labels)."""
+    quiet_transformers()
+    info = artifact_info(adapter)
+    name = model_name or info.get("model")
+    if not name:
+        raise ConfigError("pass --model (the base model the adapter was trained on)")
+    path = resolve_model(name)
+    tokenizer = load_tokenizer(path)
+    task = task or info.get("task") or "classification"
+    labels = labels if labels is not None else info.get("labels")
+    num = labels if isinstance(labels, int) else len(labels) if labels else 2
+    model, _ = load_model(path, task, num, labels if isinstance(labels, list) else None, seed, tokenizer.pad_token_id)
+    if adapter is not None:
+        model = load_trained(model, adapter)
+    model.eval()
+    return model, tokenizer, task, labels
+
+
+def run_eval(args: Any) -> dict[str, Any]:
+    adapter = Path(args.adapter) if args.adapter else None
+    info = artifact_info(adapter)
+    settings = RunSettings(
+        data=args.data, model=args.model or info.get("model", "minilm"), task=args.task or info.get("task", "auto"),
+        fields={**info.get("fields", {}), **args.fields}, max_length=args.max_length or info.get("max_length", 128),
+        max_eval=args.max_eval, seed=args.seed, eval_batch_size=args.batch_size, quiet=True,
+    )
+    model, tokenizer, task, labels = load_for_inference(settings.model, adapter, None if settings.task == "auto" else settings.task, info.get("labels"))
+    wanted = args.split.split(",") if args.split else None
+    data = prepare_data(settings, tokenizer, need_train=False, labels=labels, only=wanted, skip=() if wanted else ("train",))
+    if wanted is None:
+        wanted = [s for s in ("dev", "test") if s in data.encoded]
+        if not wanted:
+            raise ConfigError(f"{settings.data} has no labeled dev or test split; pass --split train to evaluate on train")
+    if data.task != task:
+        raise ConfigError(f"the data is a {data.task} dataset but the model was trained for {task}; pass --task")
+    results: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for split in wanted:
+        if split not in data.encoded:
+            continue
+        result = evaluate(model, data.encoded[split], task, tokenizer.pad_token_id, settings.eval_batch_size,
+                          data.num_classes, keep_logits=bool(args.predictions))
+        results[split] = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        for i, prediction in enumerate(result.get("predictions", [])):
+            rows.append({"split": split, "index": i, "label": data.encoded[split].labels[i], "prediction": prediction,
+                         "logits": result["logits"][i] if args.predictions else None})
+    if args.predictions:
+        Path(args.predictions).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return results
+
+
+def run_merge(args: Any) -> Path:
+    """Merge the adapter into the base weights and write a plain HF model folder (+ tokenizer)."""
+    adapter = Path(args.adapter)
+    model, tokenizer, task, labels = load_for_inference(args.model, adapter, args.task, None)
+    plain = model.merge_and_unload() if isinstance(model, DeltaModel) else model
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def inspect_text(directory: Path) -> str:
+    """A readable summary of an adapter / run folder: config, tensors, parameter counts, sizes, results."""
+    kind = artifact_kind(directory)
+    lines = [f"{directory} ({'PEFT-layout adapter' if kind == 'adapter' else 'baseline weights'})"]
+    if kind == "adapter":
+        config_text = (directory / CONFIG_NAME).read_text(encoding="utf-8")
+        config = read_config(directory)
+        lines += [f"method: {type(config).method or type(config).__name__} (peft_type {config.peft_type})", "config:"]
+        lines += ["  " + line for line in json.dumps(json.loads(config_text), indent=2, sort_keys=True).splitlines()]
+        weights = directory / WEIGHTS_NAME
+    else:
+        lines += ["config:", "  " + (directory / BASELINE_CONFIG).read_text(encoding="utf-8").strip().replace("\n", "\n  ")]
+        weights = directory / BASELINE_WEIGHTS
+    shapes = _tensor_shapes(weights)
+    total = 0
+    lines.append(f"tensors ({len(shapes)}):")
+    for key, (shape, dtype) in sorted(shapes.items()):
+        numel = 1
+        for s in shape:
+            numel *= s
+        total += numel
+        lines.append(f"  {key}  {list(shape)}  {dtype}  {numel:,}")
+    lines.append(f"parameters: {total:,}")
+    lines.append(f"size on disk: {artifact_size(directory):,} bytes")
+    run = read_run(directory)
+    if run and run.get("results"):
+        r = run["results"]
+        lines.append(
+            f"run: {r['method']} status {run.get('status')}; trainable {r['trainable_params']:,} "
+            f"({r['trainable_pct']:.2f}%); best dev {r['metric']} {r.get('best_dev')}; test {r.get('test_metric')}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["artifact_info", "inspect_text", "load_for_inference", "run_eval", "run_merge"]

@@ -1,0 +1,226 @@
+"""One training run end to end: data -> model + method -> trainer -> best weights, test metrics, ``run.json``,
+``metrics.jsonl`` and a plot in the run folder."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model import DeltaModel
+from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_saved, save_trained
+from .batching import Encoded, encode_causal_lm, encode_classification
+from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
+from .models import (
+    head_modules,
+    load_model,
+    load_tokenizer,
+    prepare_method,
+    quiet_transformers,
+    resolve_model,
+    unwrap_hf,
+)
+from .options import BASELINES, build_config, check_method, default_lr
+from .settings import RunSettings
+from .tasks import evaluate
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class DataBundle:
+    task: str
+    labels: list[str] | int | None
+    encoded: dict[str, Encoded]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels if isinstance(self.labels, int) else len(self.labels or [])
+
+
+def prepare_data(
+    settings: RunSettings,
+    tokenizer: Any,
+    need_train: bool = True,
+    labels: list[str] | int | None = None,
+    only: list[str] | None = None,
+    skip: tuple[str, ...] = (),
+) -> DataBundle:
+    """Read, subset and tokenise the splits of ``settings.data`` (``only`` these, if given); the label space comes
+    from the full train split (else ``labels``, else the first split)."""
+    splits, origins = load_splits(settings.data)
+    if only is not None:
+        missing = [s for s in only if s not in splits]
+        if missing:
+            raise DataError(f"{settings.data} has no {', '.join(missing)} split (found: {', '.join(splits)})")
+    fields = Fields(**settings.fields)
+    if need_train and "train" not in splits:
+        raise DataError(f"no train split in {settings.data} (found: {', '.join(splits) or 'none'}); add train.jsonl(.gz)")
+    reference = splits.get("train") or next(iter(splits.values()))
+    task = detect_task(reference, fields) if settings.task == "auto" else settings.task
+    info: dict[str, Any] = {"source": settings.data, "files": origins, "rows": {s: len(r) for s, r in splits.items()}}
+    if task == "classification":
+        labels = labels if labels is not None else label_space(reference, fields.label)
+        for split in [s for s in ("dev", "test") if s in splits]:
+            if not is_labeled(splits[split], fields.label):
+                info.setdefault("skipped", []).append(f"{split} (no labels)")
+                del splits[split]
+    encoded: dict[str, Encoded] = {}
+    info["subset"] = {}
+    for split, rows in splits.items():
+        if (only is not None and split not in only) or split in skip:
+            continue
+        limit = settings.max_train if split == "train" else settings.max_eval
+        rows, indices = subset(rows, limit, settings.seed)
+        info["subset"][split] = {"seed": settings.seed, "size": len(rows), "indices": indices}
+        if task == "classification":
+            encoded[split] = encode_classification(tokenizer, rows, fields, labels, settings.max_length, split)
+        else:
+            encoded[split] = encode_causal_lm(tokenizer, rows, fields, settings.max_length, split)
+    return DataBundle(task, labels if task == "classification" else None, encoded, info)
+
+
+def versions() -> dict[str, str]:
+    from .. import __version__
+
+    out = {"deltatune": __version__, "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def peak_rss_bytes() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024
+
+
+def read_run(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def write_run(run_dir: Path, record: dict[str, Any]) -> None:
+    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(run_dir / RUN_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def check_run_folder(settings: RunSettings, run_dir: Path, overwrite: bool = False) -> None:
+    """A run folder with a previous run may only be continued with the same settings (``--resume``)."""
+    previous = read_run(run_dir)
+    if previous is None or overwrite:
+        return
+    if not settings.resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({previous.get('status')}); pass --resume to continue it, --overwrite to "
+            f"start over, or choose another --out"
+        )
+    old = RunSettings.from_dict(previous.get("settings", {})).identity()
+    changed = sorted(k for k, v in settings.identity().items() if old.get(k) != v)
+    if changed:
+        raise ConfigError(f"cannot resume {run_dir}: settings changed ({', '.join(changed)}); use the original settings or another --out")
+
+
+def count(model: nn.Module) -> tuple[int, int]:
+    if isinstance(model, DeltaModel):
+        return model.count_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def run_training(
+    settings: RunSettings,
+    overwrite: bool = False,
+    on_step: Callable[[Any, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run into ``settings.out``; returns the run record (also written to ``run.json``)."""
+    from ..report import plot_run
+    from .trainer import Interrupted, Trainer, TrainingError
+
+    quiet_transformers()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    method = check_method(settings.method)
+    config = None if method in BASELINES else build_config(method, settings.method_options, settings.config_values)
+    run_dir = Path(settings.out)
+    check_run_folder(settings, run_dir, overwrite)
+    if read_run(run_dir) and settings.resume and (read_run(run_dir) or {}).get("status") == "done":
+        return read_run(run_dir) or {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and not settings.resume:
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    model_path = resolve_model(settings.model)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(settings, tokenizer)
+    lr = settings.lr or default_lr(method)
+    record: dict[str, Any] = {
+        "status": "running", "settings": settings.to_dict(), "model_path": model_path, "task": data.task,
+        "labels": data.labels, "lr": lr, "versions": versions(), "data": data.info,
+        "config": config.to_peft_dict() if config is not None else None,
+    }
+    write_run(run_dir, record)
+    model, fresh = load_model(model_path, data.task, data.num_classes or 2,
+                              data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
+    heads = head_modules(model, fresh, data.task)
+    model = prepare_method(model, method, config, heads, data.task, settings.k)
+    if settings.gradient_checkpointing:
+        hf = unwrap_hf(model)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf.config, "use_cache"):
+            hf.config.use_cache = False
+    trainable, total = count(model)
+    info = {"base_model": model_path, "task": data.task, "labels": data.labels}
+    trainer = Trainer(
+        model, settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
+        data.num_classes, lr, on_best=lambda m: save_trained(m, run_dir, method, info), on_step=on_step,
+    )
+    torch.manual_seed(settings.seed + 1)  # dropout stream, independent of how the head was initialised
+    started = time.time()
+    try:
+        summary = trainer.fit(resume=settings.resume)
+    except (Interrupted, TrainingError, KeyboardInterrupt) as error:
+        record["status"] = "interrupted" if not isinstance(error, TrainingError) else "failed"
+        record["error"] = str(error)
+        write_run(run_dir, record)
+        raise
+    restore_saved(model, run_dir)
+    results: dict[str, Any] = {
+        "method": method, "trainable_params": trainable, "total_params": total,
+        "trainable_pct": 100.0 * trainable / max(total, 1), "steps": summary["steps"],
+        "train_time_s": summary["train_time"], "s_per_step": summary["train_time"] / max(summary["steps"], 1),
+        "tokens": summary["tokens"], "metric": trainer.metric, "best_dev": summary["best"], "best_step": summary["best_step"],
+        "wall_time_s": time.time() - started,
+    }
+    for split in ("dev", "test"):
+        if split in data.encoded:
+            evaluated = evaluate(model, data.encoded[split], data.task, tokenizer.pad_token_id, settings.eval_batch_size,
+                                 data.num_classes, settings.bf16)
+            results[split] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
+    results["test_metric"] = results.get("test", {}).get(trainer.metric)
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    results["adapter_bytes"] = artifact_size(run_dir)
+    record.update(status="done", results=results)
+    record.pop("error", None)
+    write_run(run_dir, record)
+    plot_run(trainer.history, run_dir / "training.png", title=f"{method} on {Path(settings.data).name}", metric=trainer.metric)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return record

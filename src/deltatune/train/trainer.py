@@ -1,0 +1,290 @@
+"""The training loop: any torch optimizer (AdamW default, LoRA+ groups), linear/cosine/constant schedules with
+warmup, gradient accumulation, clipping, bf16 autocast, periodic evaluation keeping the best weights, atomic
+resumable checkpoints (identical loss curve after ``--resume``), SIGINT -> checkpoint, NaN/inf -> clear stop.
+
+A step is one optimizer update over ``grad_accum`` micro-batches, each micro-batch loss scaled by 1/len(group).
+LR at step t (0-based): ``lr * t/w`` during warmup ``w``, then ``lr * f(p)`` with ``p = (t-w)/(T-w)``,
+``f = 1-p`` (linear), ``(1+cos(pi p))/2`` (cosine) or 1 (constant).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DeltatuneError
+from .artifacts import CHECKPOINT, load_checkpoint, restore_trainable, save_checkpoint, trainable_state
+from .batching import Encoded, collate, train_batches
+from .settings import RunSettings
+from .tasks import better, evaluate
+
+LORA_B_NAMES = ("lora_B", "lora_embedding_B")
+
+
+class TrainingError(DeltatuneError, RuntimeError):
+    """Training cannot go on (non-finite loss)."""
+
+
+class Interrupted(DeltatuneError):
+    """Training stopped on request (Ctrl-C) after writing a checkpoint."""
+
+
+def build_optimizer(model: nn.Module, settings: RunSettings, lr: float) -> torch.optim.Optimizer:
+    """``settings.optimizer`` (any ``torch.optim`` class by case-insensitive name) over the trainable parameters.
+
+    Groups: no weight decay on 1-d tensors (biases, norms); with ``loraplus_ratio`` the LoRA B matrices get
+    ``lr * ratio`` (LoRA+, Hayou et al. 2024).
+    """
+    classes = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)}
+    cls = classes.get(settings.optimizer.lower())
+    if cls is None or cls is torch.optim.Optimizer:
+        raise ConfigError(f"unknown optimizer {settings.optimizer!r}; torch.optim has {', '.join(sorted(classes))}")
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_b = settings.loraplus_ratio is not None and any(part in name for part in LORA_B_NAMES)
+            groups.setdefault((parameter.ndim >= 2, is_b), []).append(parameter)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters for this method")
+    if settings.loraplus_ratio is not None and not any(is_b for _, is_b in groups):
+        raise ConfigError("--loraplus-ratio needs a LoRA-family method (no lora_B parameters found)")
+    param_groups = []
+    for (decay, is_b), params in groups.items():
+        group: dict[str, Any] = {"params": params, "lr": lr * (settings.loraplus_ratio if is_b else 1.0)}
+        if settings.weight_decay:
+            group["weight_decay"] = settings.weight_decay if decay else 0.0
+        param_groups.append(group)
+    try:
+        return cls(param_groups, lr=lr, **settings.optimizer_args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer {settings.optimizer} rejected its arguments: {error}") from error
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    if step < warmup:
+        return step / max(warmup, 1)
+    if kind == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Trains ``model`` on ``train`` and evaluates on ``dev``; ``on_best(model)`` saves the best weights."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: RunSettings,
+        train: Encoded,
+        dev: Encoded | None,
+        run_dir: Path,
+        task: str,
+        pad_id: int,
+        num_classes: int,
+        lr: float,
+        on_best: Callable[[nn.Module], None],
+        on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.model, self.settings, self.train_data, self.dev = model, settings, train, dev
+        self.run_dir, self.task, self.pad_id, self.num_classes = run_dir, task, pad_id, num_classes
+        self.on_best, self.on_step = on_best, on_step
+        self.metric = settings.metric or ("accuracy" if task == "classification" else "loss")
+        self.batches_per_epoch = math.ceil(len(train) / settings.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
+        self.total_steps = settings.max_steps or max(1, round(settings.epochs * self.steps_per_epoch))
+        warmup = settings.warmup
+        self.warmup_steps = int(warmup * self.total_steps) if warmup < 1 else int(warmup)
+        self.optimizer = build_optimizer(model, settings, lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, settings.scheduler)
+        )
+        self.step = 0
+        self.position = (0, 0)  # (epoch, next step-group within the epoch)
+        self.history: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.train_time = 0.0
+        self.tokens = 0
+        self._stop = False
+        self._saved_step: int | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def request_stop(self) -> None:
+        """Finish the current step, write a checkpoint and raise ``Interrupted`` (what Ctrl-C does)."""
+        self._stop = True
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "trainable": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "step": self.step,
+            "position": list(self.position),
+            "history": json.dumps(self.history),
+            "best": self.best,
+            "best_step": self.best_step,
+            "train_time": self.train_time,
+            "tokens": self.tokens,
+        }
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.checkpoint_path, self.state())
+
+    def load_checkpoint(self) -> None:
+        state = load_checkpoint(self.checkpoint_path)
+        restore_trainable(self.model, state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step, self.position = state["step"], tuple(state["position"])
+        self.history = json.loads(state["history"])
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.train_time, self.tokens = state["train_time"], state["tokens"]
+        self._rewrite_metrics()
+
+    # ---- metrics -----------------------------------------------------------------------------------------------
+    def _rewrite_metrics(self) -> None:
+        lines = "".join(json.dumps(row) + "\n" for row in self.history)
+        (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def _train_step(self, group: list[list[int]]) -> tuple[float, float | None, int]:
+        """Forward/backward over the micro-batches of ``group`` and one optimizer update; (loss, grad norm, tokens)."""
+        total, tokens = 0.0, 0
+        for indices in group:
+            batch = collate(self.train_data, indices, self.pad_id, self.task)
+            tokens += int(batch["attention_mask"].sum())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.bf16):
+                loss = self.model(**batch).loss
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                kept = f"the last good checkpoint (step {self._saved_step}) is {self.checkpoint_path}" if self._saved_step is not None else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {self.step + 1}; training stopped and {kept}. "
+                    f"Lower --lr, set --max-grad-norm, or drop --bf16"
+                )
+            (loss / len(group)).backward()
+            total += loss.item() / len(group)
+        norm = None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.settings.max_grad_norm:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm, tokens
+
+    def _evaluate(self, epoch: float) -> dict[str, Any]:
+        assert self.dev is not None
+        result = evaluate(
+            self.model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
+        )
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        self._log({"type": "eval", "split": "dev", "step": self.step, "epoch": round(epoch, 4), **metrics})
+        if self.metric not in metrics:
+            raise ConfigError(f"--metric {self.metric} is not computed for {self.task}; choose from {', '.join(metrics)}")
+        if better(self.metric, metrics[self.metric], self.best):
+            self.best, self.best_step = metrics[self.metric], self.step
+            self.on_best(self.model)
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        if resume and self.checkpoint_path.is_file():
+            self.load_checkpoint()
+            self._saved_step = self.step
+        else:
+            (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+        previous = self._install_sigint()
+        try:
+            self._loop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return {"steps": self.step, "best": self.best, "best_step": self.best_step, "train_time": self.train_time, "tokens": self.tokens}
+
+    def _install_sigint(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop:
+                raise KeyboardInterrupt
+            print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)", flush=True)
+            self.request_stop()
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        settings = self.settings
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=settings.method, unit="step", disable=settings.quiet,
+                   dynamic_ncols=True, mininterval=1.0)
+        epoch, start_group = self.position
+        try:
+            while self.step < self.total_steps:
+                batches = train_batches(self.train_data, settings.batch_size, settings.seed, epoch, settings.group_by_length)
+                groups = [batches[i : i + settings.grad_accum] for i in range(0, len(batches), settings.grad_accum)]
+                for g in range(start_group, len(groups)):
+                    if self.step >= self.total_steps:
+                        break
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                    began = time.perf_counter()
+                    loss, norm, tokens = self._train_step(groups[g])
+                    elapsed = time.perf_counter() - began
+                    self.train_time += elapsed
+                    self.tokens += tokens
+                    self.step += 1
+                    self.position = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
+                    row = {"type": "train", "step": self.step, "epoch": round(epoch + (g + 1) / len(groups), 4),
+                           "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+                    self._log(row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                    if self.on_step is not None:
+                        self.on_step(self, row)
+                    finished = self.step >= self.total_steps
+                    due = settings.eval_every and self.step % settings.eval_every == 0
+                    evaluated = False
+                    if self.dev is not None and (due or g + 1 == len(groups) or finished):
+                        self._evaluate(row["epoch"])
+                        evaluated = True
+                    save_due = settings.save_every and self.step % settings.save_every == 0
+                    if evaluated or save_due or self._stop or finished:
+                        self.save_checkpoint()
+                        self._saved_step = self.step
+                    if self._stop:
+                        raise Interrupted(
+                            f"interrupted at step {self.step}/{self.total_steps}; checkpoint written to "
+                            f"{self.checkpoint_path}; run the same command with --resume to continue"
+                        )
+                epoch, start_group = epoch + 1, 0
+        finally:
+            bar.close()
+        if self.dev is None:
+            self.on_best(self.model)

@@ -1,0 +1,175 @@
+"""DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353).
+
+``W' = m * V / ||V||`` with ``V = W0 + s B A`` and the norm taken per output row (over the input dim of an
+[out, in] weight). m starts at ``||W0 + s B A||`` (= ``||W0||`` with B = 0); the norm is treated as a constant in
+backward (paper section 4.3), so only m, A and B get gradients. With ``g = m / ||V||`` and LoRA dropout ``drop``:
+
+    y = W0 x + b + (g - 1) * W0 drop(x) + g * s B A drop(x)          (as the paper's code and HF PEFT)
+
+Lean norm: ``||W0_i + s B_i A||^2 = ||W0_i||^2 + 2 s B_i . (A W0_i^T) + s^2 B_i (A A^T) B_i^T`` needs only an
+[r, out] and an [r, r] product per step; ``||W0_i||^2`` is cached (keyed on the weight's storage, version and the
+layer's merged list). Norms are computed in float32 and never enter the autograd graph.
+Output: without active dropout (p = 0 or eval) ``W0 x`` is the base output minus its bias, so
+``y = g * (W0 x + s B A x) + b`` costs no extra matmul and keeps a single [tokens, out] tensor for backward.
+With active dropout ``W0 drop(x)`` is a different vector from ``W0 x`` and needs one extra matmul (no identity
+recovers it from ``W0 x``), but no bias handling and again a single saved [tokens, out] tensor.
+Several adapters on one layer: DoRA's reference weight W0 is the layer's stored weight (base plus adapters already
+merged); unmerged adapters add on top. Merging DoRA first (``model.merge(["dora", ...])``) keeps the merged model
+equal to the unmerged one; merging another adapter first changes the W0 that DoRA normalises.
+PEFT interop: ``peft_type "LORA"`` with ``use_dora: true``; magnitude saved as ``<path>.lora_magnitude_vector``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MergeError, TargetError
+from ..layers import DeltaLayer, layer_kind
+from .lora import INITS, LoraConfig, LoraLinear, pattern_value
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """DoRA on Linear and transformers Conv1D layers; same fields as ``LoraConfig``."""
+
+    peft_type: ClassVar[str] = "LORA"
+    method: ClassVar[str] = "dora"
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d_t")
+    peft_fixed: ClassVar[dict[str, Any]] = {**LoraConfig.peft_fixed, "use_dora": True}
+
+    @classmethod
+    def accepts(cls, peft_dict: dict[str, Any]) -> bool:
+        return bool(peft_dict.get("use_dora", False))
+
+    @classmethod
+    def inits(cls) -> set[str]:
+        return INITS
+
+    def create_delta(self, module: nn.Module, path: str) -> nn.Module:
+        kind = layer_kind(module)
+        if kind not in self.supported_kinds:
+            raise TargetError(f"DoRA supports Linear and Conv1D layers; '{path}' is {type(module).__name__}. Exclude it")
+        r = pattern_value(self.rank_pattern, path, self.r)
+        fan_in_fan_out = kind == "conv1d_t"
+        in_features, out_features = module.weight.shape if fan_in_fan_out else module.weight.shape[::-1]
+        return DoraLinear(
+            module.weight, in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out
+        )
+
+
+class DoraLinear(LoraLinear):
+    """LoRA pair plus the magnitude vector ``lora_magnitude_vector`` [out]."""
+
+    def __init__(
+        self, weight: torch.Tensor, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
+        init: str, fan_in_fan_out: bool,
+    ) -> None:
+        super().__init__(in_features, out_features, r, scaling, dropout, init, fan_in_fan_out)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features))
+        self._cache_key: tuple | None = None
+        self._w0_sq: torch.Tensor | None = None
+        self._merge_scale: torch.Tensor | None = None  # g used at merge time, so unmerge inverts exactly that map
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.full_norm(weight.detach()))
+
+    # ---- norms -------------------------------------------------------------------------------------------------
+    def _oi(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as [out, in]."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def full_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s B A||`` per output row, materialising the full matrix (init and merge only)."""
+        v = self._oi(weight).float() + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return torch.linalg.vector_norm(v, dim=1)
+
+    def base_sq_norm(self, layer: DeltaLayer) -> torch.Tensor:
+        """Cached ``||W0_i||^2`` (float32) of the layer's current weight."""
+        weight = layer.weight_for_merge
+        key = (weight.data_ptr(), weight._version, tuple(layer.merged), weight.device, weight.dtype)
+        if self._w0_sq is None or self._cache_key != key:
+            with torch.no_grad():
+                self._w0_sq = torch.linalg.vector_norm(self._oi(weight.detach()).float(), dim=1).square()
+            self._cache_key = key
+        return self._w0_sq
+
+    def clear_cache(self) -> None:
+        """Forget the cached ``||W0||^2`` (only needed after editing ``weight.data`` by hand)."""
+        self._cache_key, self._w0_sq = None, None
+
+    @torch.no_grad()
+    def weight_norm(self, layer: DeltaLayer) -> torch.Tensor:
+        """``||W0_i + s B_i A||`` per output row via r x out and r x r products, float32, no graph."""
+        weight = layer.weight_for_merge.detach()
+        a = self.lora_A.weight.detach().float()
+        b = self.lora_B.weight.detach().float()
+        w = weight if weight.dtype == torch.float32 else weight.float()
+        aw = a @ w if self.fan_in_fan_out else a @ w.T  # [r, out] = A W0^T
+        s = self.scaling
+        sq = self.base_sq_norm(layer) + 2 * s * (b * aw.T).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+        return sq.clamp_min(0).sqrt()
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def _out_is_base(self, layer: DeltaLayer) -> bool:
+        """Whether ``out`` is the bare base output (no other unmerged adapter ran before this one)."""
+        if layer.row_adapters is not None:
+            return True
+        for name in layer.active:
+            delta = layer.adapters[name] if name in layer.adapters else None
+            if delta is self:
+                return True
+            if delta is not None and name not in layer.merged:
+                return False
+        return True
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
+        dtype = self.lora_A.weight.dtype
+        xd = self.dropout(x.to(dtype))
+        g = self.lora_magnitude_vector / self.weight_norm(layer).to(dtype)
+        lora = self.lora_B(self.lora_A(xd)) * self.scaling
+        bias = layer._parameters.get("bias")
+        dropped = self.training and isinstance(self.dropout, nn.Dropout)
+        if not dropped and self._out_is_base(layer):
+            base = out.to(dtype) if bias is None else out.to(dtype) - bias.to(dtype)  # W0 x
+            result = g * (base + lora) if bias is None else g * (base + lora) + bias.to(dtype)
+            return result.to(out.dtype)
+        weight = self._oi(layer.weight_for_merge).to(dtype)
+        base = F.linear(xd, weight)  # W0 drop(x)
+        return (out + (g * (base + lora) - base).to(out.dtype)).to(out.dtype)
+
+    # ---- merging -----------------------------------------------------------------------------------------------
+    def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
+        """``dW = g * (W0 + s B A) - W0`` in the layout of ``layer.weight`` (float32)."""
+        weight = self._oi(layer.weight_for_merge.detach()).float()
+        g = self.lora_magnitude_vector.detach().float() / self.full_norm(layer.weight_for_merge.detach())
+        lora = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        dw = g[:, None] * (weight + lora) - weight
+        return dw.T if self.fan_in_fan_out else dw
+
+    @torch.no_grad()
+    def merge_into(self, layer: DeltaLayer, safe: bool = True) -> None:
+        weight = layer.weight_for_merge
+        g = self.lora_magnitude_vector.float() / self.full_norm(weight.detach())
+        lora = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        merged = g[:, None] * (self._oi(weight.detach()).float() + lora)
+        if safe and not (torch.isfinite(merged).all() and torch.isfinite(g).all() and (g != 0).all()):
+            raise MergeError("merging DoRA would put NaN/inf/zero rows into the weights; nothing was changed")
+        weight.data.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
+        self._merge_scale = g
+        self.clear_cache()
+
+    @torch.no_grad()
+    def unmerge_from(self, layer: DeltaLayer) -> None:
+        """``W0 = W' / g - s B A`` with the g stored at merge time (the norm of W' itself would be wrong)."""
+        if self._merge_scale is None:
+            raise MergeError("DoRA adapter has no stored merge scale; it was not merged by this process")
+        weight = layer.weight_for_merge
+        lora = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        restored = self._oi(weight.detach()).float() / self._merge_scale[:, None] - lora
+        weight.data.copy_((restored.T if self.fan_in_fan_out else restored).to(weight.dtype))
+        self._merge_scale = None
+        self.clear_cache()

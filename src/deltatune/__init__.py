@@ -8,8 +8,11 @@ from .io import load, save
 from .methods import (
     METHODS,
     AdapterConfig,
+    AsyLoraConfig,
+    DoraConfig,
     HoulsbyConfig,
     LoraConfig,
+    MoraConfig,
     PfeifferConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -17,6 +20,7 @@ from .methods import (
     PTuningV2Config,
 )
 from .model import DeltaModel, wrap
+from .optim import ReLoRA, loraplus_optimizer
 from .quant import quantize_nf4
 
 __version__ = "0.1.0"
@@ -24,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config",
     "AdapterConfig", "HoulsbyConfig", "PfeifferConfig",
+    "AsyLoraConfig", "DoraConfig", "MoraConfig", "ReLoRA", "loraplus_optimizer",
     "METHODS", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig",
     "MergeError", "TargetError", "__version__", "load", "save", "wrap",
     "quantize_nf4",

@@ -125,6 +125,13 @@ class PrefixTuningConfig(VirtualTokenConfig):
     def encode(cls, name: str, value: Any) -> Any:
         return ("zero" if value == "zeros" else None) if name == "init" else value
 
+    def to_peft_dict(self) -> dict[str, Any]:
+        """PEFT has no prefix dropout: the key is written only when it differs from this class's default."""
+        data = super().to_peft_dict()
+        if self.dropout == type(self).dropout:
+            data.pop("prefix_dropout")
+        return data
+
     @classmethod
     def decode(cls, name: str, value: Any) -> Any:
         if name == "init":

@@ -164,11 +164,7 @@ class DeltaLayer(AdapterHost):
         """The base weight merges read and edit in place; for a quantized base, a dense dequantized copy."""
         if self._dense_weight is not None:
             return self._dense_weight
-        if is_quantized(self.base_layer):
-            from .quant import dequantized_weight
-
-            return dequantized_weight(self.base_layer)
-        return self._parameters["weight"]
+        return base_weight(self.base_layer)
 
     def extra_repr(self) -> str:
         return f"base={self.base_layer!r}, adapters={list(self.adapters.keys())}"
@@ -261,6 +257,17 @@ def is_quantized(module: nn.Module) -> bool:
     if getattr(type(module), "deltatune_quantized", False):
         return True
     return type(module._parameters.get("weight")).__name__ == "Params4bit"
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's dense weight: the parameter itself, or a fresh dequantized copy when it is stored 4-bit."""
+    if isinstance(module, AdapterHost):
+        module = module.base_layer
+    if is_quantized(module):
+        from .quant import dequantized_weight
+
+        return dequantized_weight(module)
+    return module._parameters["weight"]
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:

@@ -34,8 +34,8 @@ NF4_LEVELS = (
     0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0,
 )
 REQUANTIZE_WARNING = (
-    "merging into a 4-bit base re-quantizes the merged weight to NF4, which rounds it: the layer no longer equals "
-    "base + delta exactly and unmerge cannot restore the original. For an exact dense model use "
+    "merging (or unmerging) an adapter into a 4-bit base re-quantizes the weight, which rounds it: the layer no "
+    "longer equals base + delta exactly and unmerge cannot restore the original. For an exact dense model use "
     "merge_and_unload(dequantize=True)"
 )
 

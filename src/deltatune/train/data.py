@@ -192,6 +192,8 @@ def detect_task(rows: list[dict[str, Any]], fields: Fields) -> str:
     first = rows[0]
     if fields.label in first:
         return "classification"
+    if fields.label != Fields.label:  # the user named a label column that is not there
+        raise DataError(f"rows have fields {sorted(first)}; there is no label field '{fields.label}' (--label-field)")
     if fields.prompt in first or fields.text in first:
         return "causal-lm"
     raise DataError(

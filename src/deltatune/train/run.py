@@ -160,6 +160,9 @@ def run_training(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     method = check_method(settings.method)
+    if method in BASELINES and (settings.method_options or settings.config_values):
+        given = ", ".join("--" + k.replace("_", "-") for k in [*settings.method_options, *settings.config_values])
+        raise ConfigError(f"option {given} does not apply to method '{method}' (a baseline; its only option is --k)")
     config = None if method in BASELINES else build_config(method, settings.method_options, settings.config_values)
     run_dir = Path(settings.out)
     check_run_folder(settings, run_dir, overwrite)
@@ -210,11 +213,13 @@ def run_training(
         "tokens": summary["tokens"], "metric": trainer.metric, "best_dev": summary["best"], "best_step": summary["best_step"],
         "wall_time_s": time.time() - started,
     }
-    for split in ("dev", "test"):
-        if split in data.encoded:
-            evaluated = evaluate(model, data.encoded[split], data.task, tokenizer.pad_token_id, settings.eval_batch_size,
-                                 data.num_classes, settings.bf16)
-            results[split] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
+    best_eval = [r for r in trainer.history if r["type"] == "eval" and r["step"] == summary["best_step"]]
+    if best_eval:  # the dev metrics of the kept weights were computed when they were kept
+        results["dev"] = {k: v for k, v in best_eval[-1].items() if k not in ("type", "split", "step", "epoch")}
+    if "test" in data.encoded:
+        evaluated = evaluate(model, data.encoded["test"], data.task, tokenizer.pad_token_id, settings.eval_batch_size,
+                             data.num_classes, settings.bf16)
+        results["test"] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
     results["test_metric"] = results.get("test", {}).get(trainer.metric)
     results["peak_rss_bytes"] = peak_rss_bytes()
     results["adapter_bytes"] = artifact_size(run_dir)

@@ -104,3 +104,18 @@ def test_conv1d_and_rslora(tmp_path):
 def test_embedding_target_is_refused():
     with pytest.raises(dt.TargetError, match="Linear and Conv1D"):
         dt.wrap(bert(), dt.LoraConfig(r=2, targets=["word_embeddings"], init="pissa"))
+
+
+def test_unconverted_peft_pissa_file_loads_and_saves_as_read(tmp_path):
+    base = bert()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], init_lora_weights="pissa"))
+    theirs.save_pretrained(tmp_path / "peft")  # A, B relative to PEFT's residual base, as PEFT writes them
+    loaded = dt.load(copy.deepcopy(base), tmp_path / "peft")
+    assert loaded.configs["default"].init == "pissa"
+    loaded.save(tmp_path / "again")
+    from safetensors.torch import load_file
+
+    first = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

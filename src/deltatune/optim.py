@@ -160,6 +160,8 @@ class ReLoRA:
                 delta = host.adapters[self.adapter]
                 if type(delta) not in (LoraLinear, LoraConv, LoraEmbedding):
                     raise ConfigError(f"ReLoRA restarts plain LoRA layers; adapter '{self.adapter}' has {type(delta).__name__}")
+                if host.weight_for_merge is not host._parameters.get("weight"):
+                    raise ConfigError("ReLoRA merges into the stored base weight; a quantized base is not supported")
                 found.append((host, delta))
         if not found:
             raise ConfigError(f"adapter '{self.adapter}' has no LoRA layers for ReLoRA to restart")

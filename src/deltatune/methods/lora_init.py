@@ -48,6 +48,8 @@ def principal_init(model: DeltaModel, name: str, paths: list[str], init: str) ->
     for path, host in zip(paths, hosts):
         if type(host.adapters[name]) is not LoraLinear:
             raise TargetError(f"init={init!r} supports Linear and Conv1D layers only; exclude '{path}'")
+        if host.weight_for_merge is not host._parameters.get("weight"):
+            raise TargetError(f"init={init!r} rewrites the base weight; '{path}' is quantized: initialise, then quantize")
         r = host.adapters[name].lora_A.weight.shape[0]
         if r > min(host.weight_for_merge.shape):
             raise TargetError(f"init={init!r} needs r <= min(in, out); '{path}' has shape {tuple(host.weight.shape)}")
@@ -69,14 +71,13 @@ def export_plain_lora(
     model: DeltaModel, name: str, data: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Rewrite a PiSSA/OLoRA adapter as a rank-2r plain LoRA relative to the original base weights."""
+    layers = [(path, host.adapters[name]) for path, host in model.hosts()
+              if isinstance(host, DeltaLayer) and name in host.adapters]
+    if not any(hasattr(delta, "initial_A") for _, delta in layers):
+        return data, tensors  # loaded from a file, not initialised here: saved as it was read
     tensors = dict(tensors)
-    for path, host in model.hosts():
-        if not isinstance(host, DeltaLayer) or name not in host.adapters:
-            continue
-        delta = host.adapters[name]
-        initial_a, initial_b = getattr(delta, "initial_A", None), getattr(delta, "initial_B", None)
-        if initial_a is None or initial_b is None:
-            raise TargetError(f"adapter '{name}' at '{path}' lacks its initial factors; was it built with init='pissa'?")
+    for path, delta in layers:
+        initial_a, initial_b = delta.initial_A, delta.initial_B
         tensors[f"{path}.lora_A.weight"] = torch.cat((delta.lora_A.weight.detach(), initial_a), dim=0)
         tensors[f"{path}.lora_B.weight"] = torch.cat((delta.lora_B.weight.detach(), -initial_b), dim=1)
     factor = math.sqrt(2) if data.get("use_rslora") else 2

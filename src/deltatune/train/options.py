@@ -19,7 +19,7 @@ from ..methods import METHODS
 
 BASELINES = ("full", "head", "last-layers")
 BASELINE_LR = {"full": 5e-5, "last-layers": 1e-4, "head": 2e-3}
-PEFT_LR = 1e-3
+PEFT_LR = 3e-3
 # fields every config has that the trainer fills in itself
 HIDDEN_FIELDS = {"extra", "base_model_name_or_path", "task_type", "inference_mode"}
 _REGEX_CHARS = set("*+?()[]^$|\\{}")

@@ -9,6 +9,7 @@ LR at step t (0-based): ``lr * t/w`` during warmup ``w``, then ``lr * f(p)`` wit
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -28,8 +29,6 @@ from .batching import Encoded, collate, train_batches
 from .settings import RunSettings
 from .tasks import better, evaluate
 
-LORA_B_NAMES = ("lora_B", "lora_embedding_B")
-
 
 class TrainingError(DeltatuneError, RuntimeError):
     """Training cannot go on (non-finite loss)."""
@@ -42,30 +41,32 @@ class Interrupted(DeltatuneError):
 def build_optimizer(model: nn.Module, settings: RunSettings, lr: float) -> torch.optim.Optimizer:
     """``settings.optimizer`` (any ``torch.optim`` class by case-insensitive name) over the trainable parameters.
 
-    Groups: no weight decay on 1-d tensors (biases, norms); with ``loraplus_ratio`` the LoRA B matrices get
-    ``lr * ratio`` (LoRA+, Hayou et al. 2024).
+    Groups: weight decay only on tensors with >= 2 dims (not biases or norms); with ``loraplus_ratio`` the groups
+    of ``deltatune.optim.loraplus_groups`` (LoRA+, Hayou et al. 2024: ``lr_B = ratio * lr``).
     """
     classes = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)}
     cls = classes.get(settings.optimizer.lower())
     if cls is None or cls is torch.optim.Optimizer:
         raise ConfigError(f"unknown optimizer {settings.optimizer!r}; torch.optim has {', '.join(sorted(classes))}")
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            is_b = settings.loraplus_ratio is not None and any(part in name for part in LORA_B_NAMES)
-            groups.setdefault((parameter.ndim >= 2, is_b), []).append(parameter)
+    if settings.loraplus_ratio is not None:
+        from ..optim import loraplus_groups
+
+        groups = loraplus_groups(model, lr, settings.loraplus_ratio, weight_decay=settings.weight_decay)
+        if not any(g["name"] == "lora_B" for g in groups):
+            raise ConfigError("--loraplus-ratio needs a LoRA-family method (no LoRA B matrices are trained)")
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("the model has no trainable parameters for this method")
-    if settings.loraplus_ratio is not None and not any(is_b for _, is_b in groups):
-        raise ConfigError("--loraplus-ratio needs a LoRA-family method (no lora_B parameters found)")
-    param_groups = []
-    for (decay, is_b), params in groups.items():
-        group: dict[str, Any] = {"params": params, "lr": lr * (settings.loraplus_ratio if is_b else 1.0)}
-        if settings.weight_decay:
-            group["weight_decay"] = settings.weight_decay if decay else 0.0
-        param_groups.append(group)
+    if "weight_decay" not in inspect.signature(cls).parameters:
+        groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups]
     try:
-        return cls(param_groups, lr=lr, **settings.optimizer_args)
+        return cls(groups, lr=lr, **settings.optimizer_args)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {settings.optimizer} rejected its arguments: {error}") from error
 

@@ -210,3 +210,17 @@ def test_compare_writes_table_report_plots_and_reuses_runs(data_dir, tiny_model,
     assert "| lora |" in (out / "report.md").read_text()
     assert main(argv) == 0  # finished runs are reused, not retrained
     assert all(r["status"] == "reused" for r in json.loads((out / "results.json").read_text())["results"])
+
+
+def test_every_registered_method_trains_and_its_saved_adapter_reproduces_test_metrics(data_dir, tiny_model, tmp_path, capsys):
+    from deltatune.methods import METHODS
+
+    for method in METHODS:
+        out = tmp_path / method
+        common = ["--data", str(data_dir), "--max-eval", "32", "--max-length", "32"]
+        assert main(["train", *common, "--model", tiny_model, "--method", method, "--max-steps", "2", "--out", str(out), "--quiet"]) == 0, method
+        capsys.readouterr()
+        assert main(["eval", *common, "--adapter", str(out), "--split", "test", "--json"]) == 0, method
+        metrics = json.loads(capsys.readouterr().out)["test"]
+        recorded = json.loads((out / "run.json").read_text())["results"]["test"]
+        assert metrics["accuracy"] == recorded["accuracy"] and metrics["loss"] == pytest.approx(recorded["loss"], abs=1e-6), method

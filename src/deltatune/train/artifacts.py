@@ -113,21 +113,6 @@ def load_trained(model: nn.Module, directory: Path) -> nn.Module:
     return model
 
 
-def restore_saved(model: nn.Module, directory: Path) -> None:
-    """Copy the weights a run saved in ``directory`` back into the live ``model`` it was trained as."""
-    if isinstance(model, DeltaModel):
-        from ..io import adapter_tensors, read_tensors
-
-        saved = read_tensors(directory)
-        with torch.no_grad():
-            for key, tensor in adapter_tensors(model, model.active_adapter).items():
-                tensor.copy_(saved[key])
-        return
-    from safetensors.torch import load_file
-
-    restore_trainable(model, load_file(str(directory / BASELINE_WEIGHTS)))
-
-
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda p: torch.save(state, p))

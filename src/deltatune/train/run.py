@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import DeltaModel
-from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_saved, save_trained
+from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_trainable, save_trained
 from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
 from .models import (
@@ -205,7 +205,8 @@ def run_training(
         record["error"] = str(error)
         write_run(run_dir, record)
         raise
-    restore_saved(model, run_dir)
+    if trainer.best_state is not None:
+        restore_trainable(model, trainer.best_state)  # test metrics are those of the kept (best-dev) weights
     results: dict[str, Any] = {
         "method": method, "trainable_params": trainable, "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1), "steps": summary["steps"],

@@ -115,6 +115,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: float | None = None
         self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # trainable tensors at the best evaluation
         self.train_time = 0.0
         self.tokens = 0
         self._stop = False
@@ -141,6 +142,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "best": self.best,
             "best_step": self.best_step,
+            "best_state": self.best_state or {},
             "train_time": self.train_time,
             "tokens": self.tokens,
         }
@@ -158,6 +160,7 @@ class Trainer:
         self.step, self.position = state["step"], tuple(state["position"])
         self.history = json.loads(state["history"])
         self.best, self.best_step = state["best"], state["best_step"]
+        self.best_state = state["best_state"] or None
         self.train_time, self.tokens = state["train_time"], state["tokens"]
         self._rewrite_metrics()
 
@@ -209,6 +212,7 @@ class Trainer:
             raise ConfigError(f"--metric {self.metric} is not computed for {self.task}; choose from {', '.join(metrics)}")
         if better(self.metric, metrics[self.metric], self.best):
             self.best, self.best_step = metrics[self.metric], self.step
+            self.best_state = trainable_state(self.model)
             self.on_best(self.model)
         return metrics
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
-from ..layers import DeltaLayer, TrainableCopies, layer_kind
+from ..layers import DeltaLayer, TrainableCopies, linear_features
 from ..targets import HEAD_NAMES, base_modules
 from .base import LayerDeltaConfig
 
@@ -123,8 +123,7 @@ class AdapterConfig(LayerDeltaConfig):
         )
 
     def create_delta(self, module: nn.Module, path: str) -> nn.Module:
-        kind = layer_kind(module)
-        hidden = module.weight.shape[1] if kind == "conv1d_t" else module.weight.shape[0]
+        hidden = linear_features(module)[1]  # the layer's output size d (also for 4-bit packed weights)
         return BottleneckAdapter(hidden, self.size(hidden), self.nonlinearity, self.init)
 
     def inject(self, model: DeltaModel, name: str, paths: list[str]) -> None:

@@ -3,8 +3,11 @@
 projection, i.e. before that sub-layer's residual add (and LayerNorm, in post-LN models such as BERT).
 
 Houlsby: two per block (attention output projection and FFN output projection). Pfeiffer: one per block, on the
-FFN output projection. With ``m`` the bottleneck size and ``d`` the hidden size, each adapter has
-``2*m*d + m + d`` parameters. Adapters are nonlinear in ``h``, so they cannot be merged into weights.
+FFN output projection. Where the projection is followed by dropout (BERT: ``LN(dropout(dense(h)) + input)``; GPT-2's
+residual dropout), the adapter sits between the projection and dropout: at eval time this is exactly Houlsby's
+placement (adapter after dropout); in training the sub-layer's dropout also masks the adapter's output. With ``m``
+the bottleneck size and ``d`` the hidden size, each adapter has ``2*m*d + m + d`` parameters. Adapters are
+nonlinear in ``h``, so they cannot be merged into weights.
 """
 
 from __future__ import annotations
@@ -168,7 +171,11 @@ class HoulsbyConfig(AdapterConfig):
 
 @dataclass
 class PfeifferConfig(AdapterConfig):
-    """``AdapterConfig(kind="pfeiffer")``: one adapter per block, after the FFN output projection."""
+    """``AdapterConfig(kind="pfeiffer")``: one adapter per block, after the FFN output projection.
+
+    Same placement rule as Houlsby's FFN adapter (before the residual add); the AdapterHub "pfeiffer" variant that
+    reads the post-LayerNorm sub-layer output is not reproduced.
+    """
 
     method: ClassVar[str] = "pfeiffer"
     kind: str = "pfeiffer"

@@ -114,19 +114,10 @@ class DeltaLayer(AdapterHost):
         return out
 
     def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """One adapter per batch row: each distinct adapter runs once on the rows that asked for it."""
-        rows = self.row_adapters
-        if len(rows) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
-        if self.merged:
-            raise MergeError("mixed-adapter batches need unmerged weights; call model.unmerge() first")
-        result = out.clone()
-        for name in dict.fromkeys(rows):
-            if name == BASE or name not in self.adapters:
-                continue
-            index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
-            result[index] = self.adapters[name](x[index], out[index], self)
-        return result
+        """One adapter per batch row, batched over rows (see ``deltatune.serve.mixed``)."""
+        from .serve.mixed import forward_mixed
+
+        return forward_mixed(self, x, out)
 
     def merge(self, name: str, safe: bool = True) -> None:
         if name in self.merged or name not in self.adapters:

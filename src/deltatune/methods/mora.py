@@ -140,19 +140,20 @@ class MoraLinear(MergeableDelta):
         return z[..., : self.out_features]
 
     def update(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """The delta's output for input ``x`` [..., in] with square matrix ``m`` (linear in x)."""
+        """The delta's output for input ``x`` [..., in] with square matrix ``m`` (linear in x); ``m`` may carry batch
+        dims that broadcast against ``x`` (mixed-adapter batches pass one matrix per row)."""
         r_hat = self.r_hat
         if self.mora_type == 6:
             chunks = self._padded(x, self.chunks * r_hat).unflatten(-1, (self.chunks, r_hat))
             rotated = chunks * self.rope_cos.to(x.dtype) + _rotate_half(chunks) * self.rope_sin.to(x.dtype)
-            return self._expand((rotated @ m.T).flatten(-2), self.chunks * r_hat, "tile")
+            return self._expand((rotated @ m.mT).flatten(-2), self.chunks * r_hat, "tile")
         compress, decompress = _PLAN[self.mora_type]
         if compress == "cyclic":
             z = self._padded(x, self.chunks * r_hat).unflatten(-1, (self.chunks, r_hat)).sum(-2)
         else:
             group = -(-self.in_features // r_hat)
             z = self._padded(x, group * r_hat).unflatten(-1, (r_hat, group)).sum(-1)
-        return self._expand(z @ m.T, r_hat, decompress)
+        return self._expand(z @ m.mT, r_hat, decompress)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
         dtype = self.mora_M.weight.dtype

@@ -1,0 +1,225 @@
+"""Mixed-adapter batches: one adapter (or ``"__base__"``) per batch row, computed batched in each ``DeltaLayer``.
+
+Row ``i`` uses slot ``k(i)`` of the layer (slot 0 = no delta: the base, or an adapter that does not touch the
+layer). Per layer, every batchable adapter is stacked once (zero-padded to the largest rank, slot 0 all zero):
+
+* LoRA / rsLoRA / AsyLoRA / PiSSA (``LoraLinear``): ``y_i = out_i + (x_i A_k^T)(s_k B_k)^T`` with
+  ``A`` [n+1, r_max, in], ``sB`` [n+1, out, r_max]: two ``bmm`` over the gathered per-row factors;
+* DoRA (``DoraLinear``; ``out`` is the bare base output in a mixed batch):
+  ``y_i = g_k * (out_i + L_i) + (1 - g_k) * b`` with ``g = m / ||W0 + s B A||`` per output row, ``g = 1`` for
+  every other slot, so non-DoRA rows stay exactly ``out_i + L_i``;
+* MoRA (``MoraLinear``), grouped by (r_hat, type, in, out): ``decompress(compress(x_i) M_k^T)`` with the square
+  matrices stacked [n+1, r_hat, r_hat] (zero outside the group) and applied per row by batched matmul;
+* LoRA on embeddings (``LoraEmbedding``): ``(A_k^T)[ids_i] (s_k B_k^T)`` with ``A^T`` stacked [n+1, vocab, r_max].
+
+Zero padding adds exact zeros, so each row equals its single-adapter run up to float summation order.
+Everything else (bottleneck adapters, conv LoRA, embeddings with ``max_norm``, unknown delta classes) runs once per
+distinct adapter on its rows (index select), after the batched part; so does a whole layer while a delta with
+active dropout is used (training), since dropout masks are random anyway.
+Stacks are cached on the layer, keyed on the adapters' identities and their tensors' storage and version counters
+(an optimizer step, ``load``, ``delete_adapter`` or a base weight edit invalidates them); while gradients flow into
+an adapter they are rebuilt on every call (differentiable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MergeError
+from ..layers import BASE, DeltaLayer
+from ..methods.dora import DoraLinear
+from ..methods.lora import LoraEmbedding, LoraLinear
+from ..methods.mora import MoraLinear
+
+
+def row_names(rows: list[str], batch: int) -> list[str]:
+    """``adapter_names`` for a batch of ``batch`` rows; ``generate(num_beams=k)`` repeats each row k times."""
+    if len(rows) == batch:
+        return rows
+    if rows and batch % len(rows) == 0:
+        k = batch // len(rows)
+        return [name for name in rows for _ in range(k)]
+    raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
+
+
+def batch_kind(delta: nn.Module, layer: DeltaLayer) -> str | None:
+    """How a delta joins the batched path: "lowrank", "dora", "mora", "embedding", or None (per-adapter loop)."""
+    forward = type(delta).forward
+    if forward is LoraLinear.forward:
+        return "lowrank"
+    if forward is DoraLinear.forward:
+        return "dora"
+    if forward is MoraLinear.forward and type(delta).update is MoraLinear.update:
+        return "mora"
+    if forward is LoraEmbedding.forward and getattr(layer.base_layer, "max_norm", None) is None:
+        return "embedding"
+    return None
+
+
+def _dropping(delta: nn.Module) -> bool:
+    dropout = getattr(delta, "dropout", None)
+    return delta.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+
+
+@dataclass
+class Stacks:
+    """Per-layer stacked adapter tensors (slot 0 = zero) and the last row-index tensor built from them."""
+
+    key: tuple
+    slots: dict[str, int]
+    dtype: torch.dtype
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A [n+1, r, in], sB [n+1, out, r]
+    gain: torch.Tensor | None = None  # DoRA g [n+1, out], ones for other slots
+    mora: list[tuple[MoraLinear, torch.Tensor]] = field(default_factory=list)  # (representative, M [n+1, r, r])
+    embedding: tuple[torch.Tensor, torch.Tensor] | None = None  # A^T [n+1, vocab, r], (sB)^T [n+1, r, dim]
+    index: tuple[tuple[str, ...], torch.Tensor] | None = None
+
+    def row_index(self, rows: list[str], device: torch.device) -> torch.Tensor:
+        key = tuple(rows)
+        if self.index is None or self.index[0] != key or self.index[1].device != device:
+            self.index = (key, torch.tensor([self.slots.get(r, 0) for r in rows], dtype=torch.long, device=device))
+        return self.index[1]
+
+
+def _tensor_state(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device
+
+
+def _cache_key(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]]) -> tuple:
+    parts: list[Any] = []
+    for name, delta, kind in entries:
+        parts.append((name, id(delta), kind, tuple(_tensor_state(p) for p in delta.parameters())))
+    if any(kind == "dora" for _, _, kind in entries):  # g depends on the base weight
+        weight = layer._parameters.get("weight")
+        parts.append(_tensor_state(weight) if weight is not None else None)
+        parts.append(tuple(layer.merged))
+    return tuple(parts)
+
+
+def _stack(tensors: list[torch.Tensor], slots: list[int], n: int, like: torch.Tensor) -> torch.Tensor:
+    """[n+1, *shape] with ``tensors[j]`` at ``slots[j]`` and zeros elsewhere (differentiable)."""
+    zero = torch.zeros_like(like)
+    by_slot = dict(zip(slots, tensors))
+    return torch.stack([by_slot.get(k, zero) for k in range(n + 1)])
+
+
+def _pad(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Zero-pad ``tensor`` along ``dim`` (0 or 1 of a 2-D tensor) up to ``size``."""
+    extra = size - tensor.shape[dim]
+    if extra == 0:
+        return tensor
+    return F.pad(tensor, (0, extra) if dim == 1 else (0, 0, 0, extra))
+
+
+def build_stacks(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]], key: tuple) -> Stacks:
+    """Stack every batchable adapter of ``layer`` (see the module doc for the layout of each kind)."""
+    slots = {name: k + 1 for k, (name, _, _) in enumerate(entries)}
+    n = len(entries)
+    first = next(iter(entries[0][1].parameters()))
+    stacks = Stacks(key=key, slots=slots, dtype=first.dtype)
+    low = [(slots[nm], d) for nm, d, kind in entries if kind in ("lowrank", "dora")]
+    if low:
+        r_max = max(d.lora_A.weight.shape[0] for _, d in low)
+        a = [_pad(d.lora_A.weight, 0, r_max) for _, d in low]
+        b = [_pad(d.lora_B.weight * d.scaling, 1, r_max) for _, d in low]
+        ks = [k for k, _ in low]
+        stacks.lowrank = (_stack(a, ks, n, a[0]), _stack(b, ks, n, b[0]))
+    dora = [(slots[nm], d) for nm, d, kind in entries if kind == "dora"]
+    if dora:
+        gains = [d.lora_magnitude_vector / d.weight_norm(layer).to(d.lora_magnitude_vector.dtype) for _, d in dora]
+        ones = torch.ones_like(gains[0])
+        by_slot = dict(zip([k for k, _ in dora], gains))
+        stacks.gain = torch.stack([by_slot.get(k, ones) for k in range(n + 1)])
+    groups: dict[tuple, list[tuple[int, MoraLinear]]] = {}
+    for nm, d, kind in entries:
+        if kind == "mora":
+            groups.setdefault((d.r_hat, d.mora_type, d.in_features, d.out_features), []).append((slots[nm], d))
+    for members in groups.values():
+        m = [d.mora_M.weight for _, d in members]
+        stacks.mora.append((members[0][1], _stack(m, [k for k, _ in members], n, m[0])))
+    emb = [(slots[nm], d) for nm, d, kind in entries if kind == "embedding"]
+    if emb:
+        r_max = max(d.lora_embedding_A.shape[0] for _, d in emb)
+        a = [_pad(d.lora_embedding_A.T, 1, r_max) for _, d in emb]
+        b = [_pad((d.lora_embedding_B * d.scaling).T, 0, r_max) for _, d in emb]
+        ks = [k for k, _ in emb]
+        stacks.embedding = (_stack(a, ks, n, a[0]), _stack(b, ks, n, b[0]))
+    return stacks
+
+
+def layer_stacks(layer: DeltaLayer, need_grad: bool) -> Stacks | None:
+    """The layer's stacks (cached unless gradients must flow into them); None when nothing is batchable."""
+    entries = [(name, d, kind) for name, d in layer.adapters.items() if (kind := batch_kind(d, layer)) is not None]
+    if not entries:
+        return None
+    key = _cache_key(layer, entries)
+    if need_grad:
+        return build_stacks(layer, entries, key)
+    cached: Stacks | None = layer.__dict__.get("_mixed_stacks")
+    if cached is not None and cached.key == key:
+        return cached
+    layer.__dict__["_mixed_stacks"] = None  # free the old stacks before building new ones
+    with torch.no_grad():
+        stacks = build_stacks(layer, entries, key)
+    layer.__dict__["_mixed_stacks"] = stacks
+    return stacks
+
+
+def apply_stacks(layer: DeltaLayer, stacks: Stacks, index: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` plus each row's batched delta (see the module doc)."""
+    batch, dtype = x.shape[0], stacks.dtype
+    total = out.to(dtype)
+    if stacks.lowrank is not None:
+        a, b = stacks.lowrank
+        xs = x.to(dtype).reshape(batch, -1, x.shape[-1])
+        h = torch.bmm(xs, a[index].transpose(1, 2))  # [batch, tokens, r]
+        total = total + torch.bmm(h, b[index].transpose(1, 2)).reshape(out.shape)
+    for delta, m in stacks.mora:
+        xs = x.to(dtype).reshape(batch, -1, x.shape[-1])
+        rows = m[index]
+        rows = rows[:, None] if delta.mora_type == 6 else rows  # type 6 applies M to [batch, tokens, chunks, r]
+        total = total + delta.update(xs, rows).reshape(out.shape)
+    if stacks.embedding is not None:
+        a_t, b_t = stacks.embedding
+        ids = x.reshape(batch, -1)
+        after_a = a_t[index[:, None], ids]  # [batch, tokens, r]
+        total = total + torch.bmm(after_a, b_t[index]).reshape(out.shape)
+    if stacks.gain is not None:
+        g = stacks.gain[index].reshape(batch, *([1] * (out.dim() - 2)), -1)
+        bias = layer._parameters.get("bias")
+        total = g * total if bias is None else torch.addcmul(bias.to(dtype) * (1 - g), g, total)
+    return total.to(out.dtype)
+
+
+def run_each(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+    """Each adapter in ``names`` runs once on the rows that asked for it (index select)."""
+    result = out.clone()
+    for name in names:
+        index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+        result[index] = layer.adapters[name](x[index], out[index], layer)
+    return result
+
+
+def forward_mixed(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``DeltaLayer`` output for a mixed batch: row i gets only the delta of adapter ``layer.row_adapters[i]``."""
+    rows = row_names(layer.row_adapters, x.shape[0])
+    if layer.merged:
+        raise MergeError("mixed-adapter batches need unmerged weights; call model.unmerge() first")
+    used = [name for name in dict.fromkeys(rows) if name != BASE and name in layer.adapters]
+    if not used:
+        return out
+    deltas = [layer.adapters[name] for name in used]
+    if any(_dropping(d) for d in deltas):
+        return run_each(layer, x, out, rows, used)
+    need_grad = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())
+    stacks = layer_stacks(layer, need_grad)
+    batched = [name for name in used if stacks is not None and name in stacks.slots]
+    if batched:
+        out = apply_stacks(layer, stacks, stacks.row_index(rows, x.device), x, out)
+    others = [name for name in used if name not in batched]
+    return run_each(layer, x, out, rows, others) if others else out

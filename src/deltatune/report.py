@@ -31,7 +31,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, str]]:
         rows.append({
             "method": r["method"],
             "trainable": f"{r['trainable_params']:,}",
-            "pct": f"{r['trainable_pct']:.2f}%",
+            "pct": f"{r['trainable_pct']:.2f}%" if r["trainable_pct"] >= 0.01 else f"{r['trainable_pct']:.4f}%",
             "dev": _metric(r.get("best_dev")),
             "test": _metric(r.get("test_metric")),
             "time": f"{r['train_time_s']:.1f} s",

@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print an adapter's config, tensors and parameter count")
     inspect.add_argument("adapter")
     add_common(inspect)
+
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -237,7 +241,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

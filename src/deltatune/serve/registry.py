@@ -1,0 +1,187 @@
+"""Adapter registry: known adapters (name -> folder) and a bounded set loaded on one base model (LRU hot-swap).
+
+Adapters are registered by folder and loaded lazily on first use; when ``max_loaded`` adapters are in memory the
+least recently used one not needed by the current batch is deleted from the model (the base is never reloaded).
+Security: a folder must lie inside one of ``allowed_dirs`` (after resolving symlinks and ``..``) and hold
+``adapter_config.json`` + ``adapter_model.safetensors``; pickled ``adapter_model.bin`` files are never read.
+All methods take one lock, so HTTP handlers and the batch worker may call them from different threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import AdapterFileError, ConfigError, DeltatuneError
+from ..io import CONFIG_NAME, WEIGHTS_NAME, load, read_config
+from ..layers import BASE
+from ..methods.base import LayerDeltaConfig
+from ..model import DeltaModel, check_adapter_name
+
+
+class ServeError(DeltatuneError):
+    """A request the server refuses; ``status`` is the HTTP status code to answer with."""
+
+    status = 400
+
+
+class UnknownAdapter(ServeError):
+    status = 404
+
+
+class Forbidden(ServeError):
+    status = 403
+
+
+class Conflict(ServeError):
+    status = 409
+
+
+class AdapterRegistry:
+    """Adapters known by name; at most ``max_loaded`` of them live on ``base`` at once (least recently used go)."""
+
+    def __init__(self, base: nn.Module, allowed_dirs: Iterable[str | Path] = (), max_loaded: int = 8) -> None:
+        if max_loaded < 1:
+            raise ConfigError(f"max_loaded must be at least 1, got {max_loaded}")
+        self.base = base
+        self.model: DeltaModel | None = None
+        self.allowed_dirs = [Path(d).expanduser().resolve() for d in allowed_dirs]
+        self.max_loaded = max_loaded
+        self.sources: dict[str, Path] = {}
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.loads = 0
+        self.evictions = 0
+        self.lock = threading.RLock()
+
+    # ---- which folders may be read -------------------------------------------------------------------------------
+    def allow(self, directory: str | Path) -> None:
+        with self.lock:
+            resolved = Path(directory).expanduser().resolve()
+            if resolved not in self.allowed_dirs:
+                self.allowed_dirs.append(resolved)
+
+    def checked_folder(self, path: str | Path) -> Path:
+        """``path`` resolved, if it is an adapter folder inside an allowed folder; else a ``ServeError``."""
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved == root or resolved.is_relative_to(root) for root in self.allowed_dirs):
+            raise Forbidden(
+                f"adapter folder {path} is outside the allowed folders; start the server with --allow-dir for it"
+            )
+        if not resolved.is_dir():
+            raise AdapterFileError(f"adapter folder {path} does not exist")
+        if not (resolved / CONFIG_NAME).is_file():
+            raise AdapterFileError(f"{path} has no {CONFIG_NAME}; point at a folder written by model.save() or PEFT")
+        if not (resolved / WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}; the server only reads safetensors adapter files")
+        return resolved
+
+    # ---- registering -------------------------------------------------------------------------------------------
+    def add(self, name: str, path: str | Path, load_now: bool = False) -> None:
+        """Register adapter ``name`` at ``path`` (loaded on first use, or now with ``load_now``)."""
+        with self.lock:
+            try:
+                check_adapter_name(name)
+            except ConfigError as error:
+                raise ServeError(str(error)) from None
+            folder = self.checked_folder(path)
+            if name in self.sources:
+                raise Conflict(f"adapter '{name}' already exists; DELETE /v1/adapters/{name} first or pick another name")
+            read_config(folder)  # a broken config is refused now, not at the first request
+            self.sources[name] = folder
+            if load_now:
+                try:
+                    self.ensure([name])
+                except BaseException:
+                    self.sources.pop(name, None)
+                    raise
+
+    def scan(self, directory: str | Path) -> list[str]:
+        """Register an adapter folder (named after the folder) or every adapter folder directly inside ``directory``."""
+        root = Path(directory).expanduser()
+        if (root / CONFIG_NAME).is_file():
+            folders = [root]
+        elif root.is_dir():
+            folders = sorted(p for p in root.iterdir() if (p / CONFIG_NAME).is_file())
+        else:
+            raise AdapterFileError(f"adapter folder {directory} does not exist")
+        for folder in folders:
+            self.add(folder.name, folder)
+        return [folder.name for folder in folders]
+
+    def remove(self, name: str) -> None:
+        """Forget adapter ``name`` (deleting it from the model when loaded)."""
+        with self.lock:
+            self.require(name)
+            self.unload(name)
+            del self.sources[name]
+
+    def require(self, name: str) -> None:
+        if name != BASE and name not in self.sources:
+            known = ", ".join(sorted(self.sources)[:20]) or "none"
+            raise UnknownAdapter(f"no adapter named '{name}'; known adapters: {known} (or omit model for the base)")
+
+    # ---- loading and eviction ----------------------------------------------------------------------------------
+    def ensure(self, names: Iterable[str]) -> None:
+        """Load every adapter in ``names`` that is not in memory, evicting least recently used others."""
+        with self.lock:
+            wanted = [n for n in dict.fromkeys(names) if n != BASE]
+            for name in wanted:
+                self.require(name)
+            if len(wanted) > self.max_loaded:
+                raise ServeError(f"a batch needs {len(wanted)} adapters but at most {self.max_loaded} may be loaded")
+            for name in wanted:
+                if name in self.loaded:
+                    self.loaded.move_to_end(name)
+                    continue
+                while len(self.loaded) >= self.max_loaded:
+                    victim = next(n for n in self.loaded if n not in wanted)
+                    self.unload(victim)
+                    self.evictions += 1
+                self._load(name)
+
+    def _load(self, name: str) -> None:
+        target = self.model if self.model is not None else self.base
+        try:
+            model = load(target, self.sources[name], name=name, activate=False)
+        except DeltatuneError:
+            raise
+        except Exception as error:  # e.g. a tensor shape torch refuses
+            raise AdapterFileError(f"adapter '{name}' could not be loaded: {error}") from error
+        self.model = model.eval()
+        self.loaded[name] = None
+        self.loads += 1
+
+    def unload(self, name: str) -> None:
+        """Delete adapter ``name`` from the model (it stays registered and reloads on next use)."""
+        with self.lock:
+            if name in self.loaded:
+                assert self.model is not None
+                self.model.delete_adapter(name)
+                del self.loaded[name]
+
+    # ---- using ---------------------------------------------------------------------------------------------------
+    def runner(self) -> nn.Module:
+        """The module to call: the ``DeltaModel`` once any adapter was loaded, else the plain base."""
+        return self.model if self.model is not None else self.base
+
+    def batchable(self, name: str) -> bool:
+        """Whether ``name`` can share a mixed batch (a layer method), or must run alone (prompt/prefix adapters)."""
+        if name == BASE or self.model is None:
+            return True
+        return isinstance(self.model.configs.get(name), LayerDeltaConfig)
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self.lock:
+            rows = []
+            for name in sorted(self.sources):
+                entry: dict[str, Any] = {"name": name, "loaded": name in self.loaded}
+                config = self.model.configs.get(name) if self.model is not None else None
+                if config is not None:
+                    entry["method"] = getattr(type(config), "method", type(config).__name__)
+                rows.append(entry)
+            return rows

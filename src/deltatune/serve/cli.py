@@ -78,7 +78,7 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         task = "complete" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "classify"
     base, _ = load_model(path, "classification" if task == "classify" else "causal-lm", num_labels=args.num_labels,
                          pad_id=tokenizer.pad_token_id)
-    allowed = [p.parent for _, p in named] + folders + [Path(d) for d in args.allow_dir]
+    allowed = [p for _, p in named] + folders + [Path(d) for d in args.allow_dir]
     registry = AdapterRegistry(base, allowed, max_loaded=args.max_loaded)
     for name, folder in named:
         registry.add(name, folder)

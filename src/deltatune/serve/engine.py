@@ -112,6 +112,7 @@ class Engine:
     def _complete(self, items: list[Item]) -> list[dict[str, Any]]:
         tok = self.tokenizer
         encoded = tok([item.text for item in items], padding=True, padding_side="left", return_tensors="pt")
+        encoded = {k: encoded[k] for k in ("input_ids", "attention_mask")}  # no token_type_ids for a causal LM
         steps = max(item.max_tokens for item in items)
         out = self._call(
             items, "generate", **encoded, max_new_tokens=steps, do_sample=False, pad_token_id=tok.pad_token_id

@@ -171,9 +171,8 @@ class AdapterRegistry:
 
     def batchable(self, name: str) -> bool:
         """Whether ``name`` can share a mixed batch (a layer method), or must run alone (prompt/prefix adapters)."""
-        if name == BASE or self.model is None:
-            return True
-        return isinstance(self.model.configs.get(name), LayerDeltaConfig)
+        config = self.model.configs.get(name) if self.model is not None else None
+        return config is None or isinstance(config, LayerDeltaConfig)
 
     def describe(self) -> list[dict[str, Any]]:
         with self.lock:

@@ -147,13 +147,9 @@ def test_qlora_step_changes_only_adapters_and_keeps_no_dense_weight(llama):
     assert all(torch.equal(codes[k], v) for k, v in nf4_state(model).items())
 
 
-DORA_PENDING = pytest.mark.xfail(
-    reason="dora.py builds its magnitude from module.weight at creation; over a 4-bit base it needs "
-    "deltatune.layers.base_weight(module)", strict=False,
-)
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=DORA_PENDING), "asylora", "mora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "asylora", "mora"])
 def test_lora_family_over_nf4_merges_exactly_into_the_dequantized_base(llama, method):
     if method not in dt.METHODS:
         pytest.skip(f"{method} is not registered")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import TargetError
-from ..layers import layer_kind
+from ..layers import layer_kind, linear_features
 from .base import frozen
 from .lora import LoraConfig, LoraLinear, pattern_value
 
@@ -66,7 +66,7 @@ class AsyLoraConfig(LoraConfig):
             raise TargetError(f"AsyLoRA supports Linear and Conv1D layers; '{path}' is {type(module).__name__}")
         r = pattern_value(self.rank_pattern, path, self.r)
         fan_in_fan_out = kind == "conv1d_t"
-        in_features, out_features = module.weight.shape if fan_in_fan_out else module.weight.shape[::-1]
+        in_features, out_features = linear_features(module)
         if r > in_features:
             raise TargetError(f"AsyLoRA needs r <= in_features for orthonormal rows; '{path}' has {in_features} < r={r}")
         lora_init = {"orthogonal": "zeros", "random": "random", "zeros": "zeros"}[self.init]

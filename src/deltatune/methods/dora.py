@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MergeError, TargetError
-from ..layers import DeltaLayer, layer_kind
+from ..layers import DeltaLayer, base_weight, layer_kind, linear_features
 from .lora import INITS, LoraConfig, LoraLinear, pattern_value
 
 
@@ -57,9 +57,9 @@ class DoraConfig(LoraConfig):
             raise TargetError(f"DoRA supports Linear and Conv1D layers; '{path}' is {type(module).__name__}. Exclude it")
         r = pattern_value(self.rank_pattern, path, self.r)
         fan_in_fan_out = kind == "conv1d_t"
-        in_features, out_features = module.weight.shape if fan_in_fan_out else module.weight.shape[::-1]
+        in_features, out_features = linear_features(module)
         return DoraLinear(
-            module.weight, in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out
+            base_weight(module), in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out
         )
 
 

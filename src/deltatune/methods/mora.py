@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
-from ..layers import DeltaLayer, layer_kind
+from ..layers import DeltaLayer, layer_kind, linear_features
 from .base import LayerDeltaConfig, MergeableDelta
 from .lora import pattern_value
 
@@ -87,7 +87,7 @@ class MoraConfig(LayerDeltaConfig):
             raise TargetError(f"MoRA supports Linear and Conv1D layers; '{path}' is {type(module).__name__}")
         r = pattern_value(self.rank_pattern, path, self.r)
         fan_in_fan_out = kind == "conv1d_t"
-        in_features, out_features = module.weight.shape if fan_in_fan_out else module.weight.shape[::-1]
+        in_features, out_features = linear_features(module)
         mora_type = self.resolved_type(r)
         r_hat = mora_rank(in_features, out_features, r, mora_type)
         return MoraLinear(in_features, out_features, r_hat, mora_type, self.dropout, self.init, fan_in_fan_out)

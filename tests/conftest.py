@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+
+
+def sst2_rows(split: str, n: int) -> list[dict]:
+    """The first ``n`` rows of the shared SST-2 split (the test is skipped when the copy is absent)."""
+    path = DATA / "sst2" / f"{split}.jsonl.gz"
+    if not path.is_file():
+        pytest.skip("shared SST-2 data not present")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def sst2_slice(folder: Path, sizes: dict[str, int]) -> Path:
+    """A data folder holding the first ``sizes[split]`` SST-2 rows of each split as jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        lines = "".join(json.dumps(row) + "\n" for row in sst2_rows(split, n))
+        (folder / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,7 @@ mixed-adapter batches, LayerNorm / head training."""
 from __future__ import annotations
 
 import copy
-import gzip
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
+from conftest import sst2_rows
 from deltatune.layers import DeltaLayer, TrainableCopies
 from deltatune.methods.adapters import BottleneckAdapter
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def ids(vocab: int = 128, shape=(3, 7)) -> torch.Tensor:
@@ -346,27 +343,16 @@ def test_adapters_over_an_nf4_quantized_base(llama):
 
 
 # ---- real data -------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path, limit: int) -> list[dict]:
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if len(rows) == limit:
-                break
-    return rows
-
 
 @pytest.mark.slow
 def test_houlsby_learns_sst2_on_minilm(minilm_cls, minilm_path):
     """Houlsby adapters (m=32) with trained LayerNorms and head, 2 epochs over 512 SST-2 training sentences, reach
     >= 70% on the full dev set (0.736 measured; majority class is 0.509; 3 epochs give 0.761)."""
-    if not (DATA / "sst2" / "train.jsonl.gz").is_file():
-        pytest.skip("SST-2 copy not available")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    train = read_jsonl(DATA / "sst2" / "train.jsonl.gz", 512)
-    dev = read_jsonl(DATA / "sst2" / "dev.jsonl.gz", 872)
+    train = sst2_rows("train", 512)
+    dev = sst2_rows("dev", 872)
     model = dt.wrap(minilm_cls, dt.HoulsbyConfig(bottleneck=32, train_head=True, train_layernorms=True))
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)

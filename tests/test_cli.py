@@ -3,27 +3,14 @@ errors with exit code 2 for bad inputs."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import sst2_slice
 from deltatune.cli import build_parser, main
-
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-
-
-def sst2_slice(folder: Path, sizes: dict[str, int]) -> Path:
-    if not SST2.is_dir():
-        pytest.skip("shared SST-2 data not present")
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in sizes.items():
-        with gzip.open(SST2 / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
-            lines = [line for _, line in zip(range(n), f)]
-        (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    return folder
 
 
 def tiny_bert_folder(out: Path, tokenizer_path: str, hidden: int = 32) -> str:

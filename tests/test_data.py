@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sst2_rows
 from deltatune.train.batching import collate, encode_causal_lm, encode_classification, eval_batches, train_batches
 from deltatune.train.data import (
     DataError,
@@ -27,7 +28,6 @@ from deltatune.train.data import (
 )
 from deltatune.train.tasks import classification_metrics, f1_score, matthews
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 ROWS = [{"text": "good movie", "label": 1}, {"text": "bad, \"awful\"\tfilm", "label": 0}, {"text": "fine", "label": 1}]
 
 
@@ -37,12 +37,6 @@ def tokenizer(minilm_path):
 
     return AutoTokenizer.from_pretrained(minilm_path)
 
-
-def sst2_rows(split: str, n: int) -> list[dict]:
-    if not (SST2 / f"{split}.jsonl.gz").is_file():
-        pytest.skip("shared SST-2 data not present")
-    with gzip.open(SST2 / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
 
 
 # ---- files -------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ and a real LoRA run on SST-2 that must clearly beat chance."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -13,25 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sst2_slice
 from deltatune.errors import ConfigError
 from deltatune.train.models import load_model, prepare_method, set_trainable
 from deltatune.train.options import build_config
 from deltatune.train.run import read_run, run_training
 from deltatune.train.settings import RunSettings
 from deltatune.train.trainer import Interrupted, TrainingError, build_optimizer, lr_factor
-
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-
-
-def sst2_slice(folder: Path, sizes: dict[str, int]) -> Path:
-    if not SST2.is_dir():
-        pytest.skip("shared SST-2 data not present")
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in sizes.items():
-        with gzip.open(SST2 / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
-            lines = [line for _, line in zip(range(n), f)]
-        (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import deltatune as dt
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 from deltatune.methods.virtual_tokens import HOST_NAME
+from virtual_tokens_helpers import MODELS, batch, make_pair, module
 
 peft = pytest.importorskip("peft")
 
@@ -25,26 +26,10 @@ THEIRS = {
     "prefix": lambda t: peft.PrefixTuningConfig(task_type=t, num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=16),
     "v2": lambda t: peft.PrefixTuningConfig(task_type=t, num_virtual_tokens=P),
 }
-MODELS = {"llama": (tiny_llama, "CAUSAL_LM"), "gpt2": (tiny_gpt2, "CAUSAL_LM"), "bert": (tiny_bert_cls, "SEQ_CLS")}
-
-
-def module(model: dt.DeltaModel, name: str = "default") -> torch.nn.Module:
-    return getattr(model.model, HOST_NAME).adapters[name]
 
 
 def pair(base: torch.nn.Module, method: str, task: str) -> tuple[dt.DeltaModel, torch.nn.Module]:
-    theirs = peft.get_peft_model(copy.deepcopy(base), THEIRS[method](task)).eval()
-    ours = dt.wrap(base, OURS[method]()).eval()
-    module(ours).load_state_dict(theirs.prompt_encoder["default"].state_dict())
-    return ours, theirs
-
-
-def batch(vocab: int = 128) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (3, 7))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    mask[2, 3:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return make_pair(base, OURS[method], lambda: THEIRS[method](task))
 
 
 @pytest.mark.parametrize("method", list(OURS))

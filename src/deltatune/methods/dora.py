@@ -115,6 +115,9 @@ class DoraLinear(LoraLinear):
         return sq.clamp_min(0).sqrt()
 
     # ---- forward -----------------------------------------------------------------------------------------------
+    def fused_forward(self, x: torch.Tensor, layer: DeltaLayer) -> torch.Tensor | None:
+        return None  # LoRA's fused base+delta op does not apply to DoRA; ``forward`` runs after the base
+
     def _out_is_base(self, layer: DeltaLayer) -> bool:
         """Whether ``out`` is the bare base output (no other unmerged adapter ran before this one)."""
         if layer.row_adapters is not None:

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
+from ..ops import fusable_base, lora_add, lora_linear
 from .base import LayerDeltaConfig, MergeableDelta
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
@@ -178,10 +179,19 @@ class LoraLinear(MergeableDelta):
         self.fan_in_fan_out = fan_in_fan_out
         init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
+    def dropout_p(self) -> float:
+        """The dropout probability in effect now (0 in eval mode)."""
+        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
-        dtype = self.lora_A.weight.dtype
-        update = self.lora_B(self.lora_A(self.dropout(x.to(dtype)))) * self.scaling
-        return out + update.to(out.dtype)
+        return lora_add(x, out, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p())
+
+    def fused_forward(self, x: torch.Tensor, layer: DeltaLayer) -> torch.Tensor | None:
+        """``base(x) + delta`` as one fused op (``deltatune.ops.lora_linear``) when the base allows it, else None."""
+        base = fusable_base(layer.base_layer, x)
+        if base is None:
+            return None
+        return lora_linear(x, base[0], base[1], self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p())
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         weight = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling

@@ -1,0 +1,8 @@
+"""Pure-PyTorch autograd functions for the hot paths (fused LoRA linear, fused DoRA linear).
+
+Each function equals its plain formula up to float rounding; tests/test_ops.py checks outputs and gradients.
+"""
+
+from .lora import dropout_mask, fusable_base, lora_add, lora_linear, lora_linear_reference
+
+__all__ = ["dropout_mask", "fusable_base", "lora_add", "lora_linear", "lora_linear_reference"]

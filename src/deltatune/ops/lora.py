@@ -1,0 +1,201 @@
+"""Fused LoRA linear: ``y = x W^T + b + s * (drop(x) A^T) B^T`` as one autograd function.
+
+W [out, in] and b are the frozen base weight and bias, A [r, in] and B [out, r] the LoRA factors, s the scaling,
+``drop`` inverted dropout with probability p (``x * keep / (1 - p)``). Two paths, both equal to the plain formula
+up to float rounding (tests/test_ops.py):
+
+* merged (no active dropout, weights and input of one dtype): ``y = x (W + s B A)^T + b``: a single
+  [tokens, in] x [in, out] matmul, the same as the frozen base alone. Backward: ``grad_x = g (W + s B A)``
+  (the [out, in] weight is rebuilt, never stored), ``grad_B = s g^T h`` and ``grad_A = s (g B)^T x`` with
+  ``h = x A^T``. Nothing of size [tokens, out] is created besides ``y`` and the gradient.
+* branch (active dropout, or few tokens, or a low-precision base): ``y = x W^T + b`` then ``y += s h B^T`` in
+  place (h = drop(x) A^T). The dropout mask is kept as a bool tensor (1 byte per input element) instead of a
+  dropped-out float copy of x; backward adds the LoRA input gradient into the base's in place.
+
+Saved for backward: x (only when A needs a gradient), h [tokens, r] (only when B does), the bool mask
+(dropout only); W, b, A, B are parameters and cost nothing to save. With ``weight=None`` the function adds the
+LoRA branch to a given base output ``out`` instead (several adapters on one layer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask of dropped elements (True = dropped, probability p), drawn from the default generator."""
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(p)
+
+
+def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W + s B A`` [out, in]."""
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+
+
+def _lora_input(x2: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (2-d) in the LoRA dtype with dropped elements zeroed (the 1/(1-p) factor is applied elsewhere)."""
+    x2 = x2 if x2.dtype == dtype else x2.to(dtype)
+    return x2 if drop is None else x2.masked_fill(drop.reshape(x2.shape), 0.0)
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out, weight, bias, lora_a, lora_b, scaling: float, p: float, merged: bool):
+        lora_dtype = lora_a.dtype
+        in_features, out_features = lora_a.shape[1], lora_b.shape[0]
+        x2 = x.reshape(-1, in_features)
+        needs_x, needs_out, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
+        drop = dropout_mask(x, p) if p > 0 else None
+        keep_scale = 1.0 / (1.0 - p)
+        h = None
+        if merged:
+            y = F.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
+            if needs_b:
+                h = x2 @ lora_a.T
+        else:
+            h = _lora_input(x2, drop, lora_dtype) @ lora_a.T
+            if p > 0:
+                h.mul_(keep_scale)
+            if weight is not None:
+                y = F.linear(x, weight, bias)
+                y2 = y.view(-1, out_features)
+                if y.dtype == lora_dtype:
+                    y2.addmm_(h, lora_b.T, alpha=scaling)
+                else:
+                    y2.add_((h @ lora_b.T * scaling).to(y.dtype))
+            else:
+                out2 = out.reshape(-1, out_features)
+                if out.dtype == lora_dtype:
+                    y = torch.addmm(out2, h, lora_b.T, alpha=scaling).view(out.shape)
+                else:
+                    y = (out2 + (h @ lora_b.T * scaling).to(out.dtype)).view(out.shape)
+            if not needs_b:
+                h = None
+        ctx.scaling, ctx.p, ctx.merged = scaling, p, merged
+        ctx.x_shape, ctx.x_dtype, ctx.out_dtype = x.shape, x.dtype, y.dtype
+        ctx.has_out = out is not None
+        keep_x = x if needs_a else None
+        keep_drop = drop if (needs_a or needs_x) else None
+        ctx.save_for_backward(keep_x, weight, lora_a, lora_b, h, keep_drop)
+        del needs_out
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, h, drop = ctx.saved_tensors
+        needs_x, needs_out, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
+        s, p = ctx.scaling, ctx.p
+        lora_dtype = lora_a.dtype
+        in_features, out_features = lora_a.shape[1], lora_b.shape[0]
+        g2 = grad.reshape(-1, out_features)
+        gl = g2 if g2.dtype == lora_dtype else g2.to(lora_dtype)
+        grad_x = grad_out = grad_a = grad_b = None
+        keep_scale = 1.0 / (1.0 - p)
+        gh = None
+        if needs_a or (needs_x and not ctx.merged):
+            gh = gl @ lora_b  # [tokens, r]
+            gh.mul_(s * keep_scale if p > 0 else s)
+        if needs_x:
+            if ctx.merged:
+                grad_x = (g2 @ _merged_weight(weight, lora_a, lora_b, s)).view(ctx.x_shape)
+            else:
+                lora_gx = gh @ lora_a
+                if drop is not None:
+                    lora_gx.masked_fill_(drop.reshape(lora_gx.shape), 0.0)
+                if weight is not None:
+                    grad_x = g2 @ weight
+                    grad_x.add_(lora_gx if lora_gx.dtype == grad_x.dtype else lora_gx.to(grad_x.dtype))
+                else:
+                    grad_x = lora_gx if lora_gx.dtype == ctx.x_dtype else lora_gx.to(ctx.x_dtype)
+                grad_x = grad_x.view(ctx.x_shape)
+        if needs_out and ctx.has_out:
+            grad_out = grad
+        if needs_a:
+            grad_a = gh.T @ _lora_input(x.reshape(-1, in_features), drop, lora_dtype)
+        if needs_b:
+            grad_b = gl.T @ h
+            grad_b.mul_(s)
+        return grad_x, grad_out, None, None, grad_a, grad_b, None, None, None
+
+
+def _use_merged(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, p: float) -> bool:
+    """The merged path pays ``out * in * r`` to rebuild ``W + s B A``; worth it once tokens * (in + out) >= in * out."""
+    if p > 0 or x.dtype != weight.dtype or weight.dtype != lora_a.dtype:
+        return False
+    out_features, in_features = weight.shape
+    tokens = x.numel() // in_features
+    return tokens * (in_features + out_features) >= in_features * out_features
+
+
+def lora_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scaling: float, p: float = 0.0,
+) -> torch.Tensor:
+    """``x W^T + b + s * (drop_p(x) A^T) B^T`` for a frozen W [out, in] (pass p = 0 outside training).
+
+    W and b must not require gradients (callers fall back to the plain formula when they do).
+    """
+    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
+        if p > 0:
+            return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, p)
+        if _use_merged(x, weight, lora_a, p):
+            return F.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
+        y = F.linear(x, weight, bias)
+        return lora_add(x, y, lora_a, lora_b, scaling)
+    merged = _use_merged(x, weight, lora_a, p)
+    return _LoraLinearFn.apply(x, None, weight, bias, lora_a, lora_b, scaling, p, merged)
+
+
+def lora_add(
+    x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float = 0.0
+) -> torch.Tensor:
+    """``out + s * (drop_p(x) A^T) B^T`` (the LoRA branch added to a given base output)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or out.requires_grad or lora_a.requires_grad
+                                           or lora_b.requires_grad):
+        if p > 0:
+            return out + (F.dropout(x.to(lora_a.dtype), p) @ lora_a.T @ lora_b.T * scaling).to(out.dtype)
+        h = x.reshape(-1, lora_a.shape[1]).to(lora_a.dtype) @ lora_a.T
+        out2 = out.reshape(-1, lora_b.shape[0])
+        if out.dtype == lora_a.dtype:
+            return torch.addmm(out2, h, lora_b.T, alpha=scaling).view(out.shape)
+        return (out2 + (h @ lora_b.T * scaling).to(out.dtype)).view(out.shape)
+    return _LoraLinearFn.apply(x, out, None, None, lora_a, lora_b, scaling, p, False)
+
+
+def lora_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scaling: float, p: float = 0.0, drop: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plain formula with autograd: ``F.linear(x, W, b) + (B(A(drop(x))) * s)``; ``drop`` fixes the mask."""
+    out = F.linear(x, weight, bias)
+    xd = x.to(lora_a.dtype)
+    if drop is not None:
+        xd = xd * (~drop).to(xd.dtype) / (1 - p)
+    elif p > 0:
+        xd = F.dropout(xd, p)
+    return out + (F.linear(F.linear(xd, lora_a), lora_b) * scaling).to(out.dtype)
+
+
+def fusable_base(base: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(W [out, in], b)`` when ``base(x)`` is exactly ``x W^T + b`` with W and b frozen, else None.
+
+    True for a plain ``nn.Linear`` or transformers ``Conv1D`` (weight [in, out], used transposed) without hooks,
+    outside autocast, with ``x`` of the weight's dtype; quantized layers, subclasses and trainable bases are not.
+    """
+    from torch.nn.modules import module as module_state
+
+    if base._forward_hooks or base._forward_pre_hooks or module_state._global_forward_hooks \
+            or module_state._global_forward_pre_hooks or torch.is_autocast_enabled():
+        return None
+    kind = type(base)
+    if kind is torch.nn.Linear:
+        weight = base._parameters["weight"]
+    elif kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
+        weight = base._parameters["weight"].T
+    else:
+        return None
+    bias = base._parameters.get("bias")
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != weight.dtype:
+        return None
+    return weight, bias

@@ -1,0 +1,175 @@
+"""Fast paths in deltatune.ops equal the plain formulas: outputs and gradients, with and without dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.ops import dropout_mask, lora_add, lora_linear, lora_linear_reference
+from deltatune.ops.lora import _use_merged
+
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _factors(in_f: int, out_f: int, r: int, dtype=torch.float32, frozen_a: bool = False):
+    torch.manual_seed(1)
+    weight = torch.randn(out_f, in_f, dtype=dtype) / in_f**0.5
+    bias = torch.randn(out_f, dtype=dtype)
+    a = (torch.randn(r, in_f) / in_f**0.5).requires_grad_(not frozen_a)
+    b = torch.randn(out_f, r).requires_grad_()
+    return weight, bias, a, b
+
+
+def _grads(y: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    torch.manual_seed(2)
+    upstream = torch.randn_like(y)
+    needed = [t for t in tensors if t.requires_grad]
+    found = iter(torch.autograd.grad(y, needed, upstream))
+    return [next(found) if t.requires_grad else None for t in tensors]
+
+
+def _check(fast: list, ref: list, tol: dict) -> None:
+    for got, want in zip(fast, ref):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("tokens", [2, 64])  # 2 tokens: branch path; 64 tokens: merged path when p = 0
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_matches_plain_formula(p: float, tokens: int, bias: bool) -> None:
+    weight, b0, a, b = _factors(24, 40, 4)
+    b0 = b0 if bias else None
+    x = torch.randn(2, tokens // 2, 24, requires_grad=True)
+    assert _use_merged(x, weight, a, p) == (p == 0 and tokens == 64)
+    torch.manual_seed(5)
+    y = lora_linear(x, weight, b0, a, b, 0.5, p)
+    torch.manual_seed(5)
+    drop = dropout_mask(x, p) if p > 0 else None  # the op draws its mask first, from the same generator state
+    ref = lora_linear_reference(x, weight, b0, a, b, 0.5, p, drop)
+    torch.testing.assert_close(y, ref, **TOL)
+    _check(_grads(y, [x, a, b]), _grads(ref, [x, a, b]), TOL)
+    if p > 0:
+        assert 0 < int(drop.sum()) < drop.numel()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_add_matches_plain_formula(p: float) -> None:
+    weight, b0, a, b = _factors(16, 12, 3)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = (x @ weight.T + b0).detach().requires_grad_()
+    torch.manual_seed(7)
+    y = lora_add(x, out, a, b, 2.0, p)
+    torch.manual_seed(7)
+    drop = dropout_mask(x, p) if p > 0 else None
+    ref = out + (lora_linear_reference(x, weight, None, a, b, 2.0, p, drop) - x @ weight.T)
+    torch.testing.assert_close(y, ref, **TOL)
+    _check(_grads(y, [x, out, a, b]), _grads(ref, [x, out, a, b]), TOL)
+
+
+def test_frozen_a_and_input_without_grad() -> None:
+    """AsyLoRA shape: A frozen, x needs no gradient; only B's gradient is computed, x is not kept."""
+    weight, b0, a, b = _factors(20, 20, 2, frozen_a=True)
+    x = torch.randn(40, 20)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear(x, weight, b0, a, b, 1.5)
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    ref = lora_linear_reference(x, weight, b0, a, b, 1.5)
+    torch.testing.assert_close(y, ref, **TOL)
+    _check(_grads(y, [a, b]), _grads(ref, [a, b]), TOL)
+
+
+def test_low_precision_base_keeps_lora_in_float32() -> None:
+    """bf16 base, float32 LoRA: same op order as the plain formula (update in float32, rounded once, added)."""
+    weight, b0, a, b = _factors(32, 32, 4, dtype=torch.bfloat16)
+    x = torch.randn(4, 32, 32, dtype=torch.bfloat16, requires_grad=True)
+    assert not _use_merged(x, weight, a, 0.0)
+    y = lora_linear(x, weight, b0, a, b, 2.0)
+    ref = lora_linear_reference(x, weight, b0, a, b, 2.0)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, atol=1e-2, rtol=1e-2)
+    _check(_grads(y, [x, a, b]), _grads(ref, [x, a, b]), {"atol": 2e-2, "rtol": 2e-2})
+
+
+def test_no_grad_paths_match() -> None:
+    weight, b0, a, b = _factors(24, 40, 4)
+    for tokens in (2, 200):
+        x = torch.randn(tokens, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(lora_linear(x, weight, b0, a, b, 0.5),
+                                       lora_linear_reference(x, weight, b0, a, b, 0.5), **TOL)
+
+
+def _saved_bytes(fn) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_dropout_keeps_a_bool_mask_not_a_float_copy() -> None:
+    """Saved for backward with dropout: x (4 B) + bool mask (1 B) per input element + h, vs the plain formula's
+    extra float copy of the dropped-out input."""
+    weight, b0, a, b = _factors(64, 64, 4)
+    x = torch.randn(512, 64, requires_grad=True)
+    fused = _saved_bytes(lambda: lora_linear(x, weight, b0, a, b, 1.0, 0.1))
+    plain = _saved_bytes(lambda: lora_linear_reference(x, weight, b0, a, b, 1.0, 0.1))
+    n = x.numel()
+    assert fused <= 4 * n + n + 4 * 512 * 4 + 2 * (64 * 64 + 64 + 2 * 64 * 4) * 4
+    assert plain - fused >= 3 * n
+
+
+def _unfused(model: dt.DeltaModel):
+    """Force the unfused path everywhere (the per-delta ``forward`` after the base layer)."""
+    from deltatune.layers import DeltaLayer
+
+    for module in model.modules():
+        if isinstance(module, DeltaLayer):
+            for delta in module.adapters.values():
+                delta.fused_forward = lambda x, layer: None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_wrapped_llama_training_step_fused_equals_unfused(dropout: float) -> None:
+    from conftest import tiny_llama
+
+    models = []
+    for fuse in (True, False):
+        model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, alpha=8, dropout=dropout, init="random", targets="all-linear"))
+        if not fuse:
+            _unfused(model)
+        models.append(model.train())
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in models:
+        torch.manual_seed(11)  # both draw the same dropout masks in the same order
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) == 2 * 7 * 2
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_path_skips_hooked_and_trainable_bases(mlp) -> None:
+    model = dt.wrap(mlp, dt.LoraConfig(r=2, targets=["fc1"], init="random"))
+    layer = model.get_submodule("base_model.fc1") if hasattr(model, "base_model") else None
+    layer = layer or next(m for m in model.modules() if type(m).__name__ == "DeltaLayer")
+    delta = next(iter(layer.adapters.values()))
+    x = torch.randn(3, 16)
+    assert delta.fused_forward(x, layer) is not None
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: o)
+    assert delta.fused_forward(x, layer) is None
+    handle.remove()
+    layer.base_layer.weight.requires_grad_(True)
+    assert delta.fused_forward(x, layer) is None

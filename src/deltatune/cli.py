@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a run")
     train.add_argument("--settings-file", help=argparse.SUPPRESS)
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train with N processes (torchrun; gloo on CPU, NCCL on GPUs); --batch-size stays global")
+    train.add_argument("--shard", action="store_true", help="with several processes: FSDP2 (shard the frozen base) "
+                       "instead of DDP")
     add_data(train)
     add_training(train)
     add_method_options(train)
@@ -194,11 +199,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = RunSettings.from_dict(json.loads(Path(args.settings_file).read_text(encoding="utf-8")))
     else:
         settings = settings_from_args(args, args.method)
-    record = run_training(settings, overwrite=args.overwrite)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(args, settings)
+    record = run_training(settings, overwrite=args.overwrite, shard=args.shard)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     results = record["results"]
     print(format_table([results], results["metric"]))
     print(f"run folder: {settings.out}")
     return 0
+
+
+def launch_torchrun(args: argparse.Namespace, settings: Any) -> int:
+    """``deltatune train --nproc N ...`` = ``torchrun --standalone --nproc_per_node N -m deltatune train ...``."""
+    import signal
+    import subprocess
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="deltatune-settings-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        json.dump(settings.to_dict(), f)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "deltatune", "train", "--settings-file", path]
+    command += [flag for flag, on in (("--overwrite", args.overwrite), ("--shard", args.shard), ("--debug", args.debug)) if on]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers; wait for them
+    try:
+        return subprocess.call(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        os.unlink(path)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -151,10 +151,33 @@ def run_training(
     settings: RunSettings,
     overwrite: bool = False,
     on_step: Callable[[Any, dict[str, Any]], None] | None = None,
+    shard: bool = False,
 ) -> dict[str, Any]:
-    """Train one run into ``settings.out``; returns the run record (also written to ``run.json``)."""
+    """Train one run into ``settings.out``; returns the run record (also written to ``run.json``).
+
+    Under a multi-process launcher (torchrun, ``--nproc``) the run is data-parallel (DDP, or FSDP2 with
+    ``shard``); rank 0 writes every file (see ``deltatune.train.distributed``)."""
+    from .distributed import setup
+
+    dist = setup(shard)
+    try:
+        return _run_training(settings, overwrite, on_step, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _run_training(
+    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any
+) -> dict[str, Any]:
     from ..report import plot_run
     from .trainer import Interrupted, Trainer, TrainingError
+
+    main = dist is None or dist.is_main
+
+    def record_run(record: dict[str, Any]) -> None:
+        if main:
+            write_run(run_dir, record)
 
     quiet_transformers()
     if settings.threads:
@@ -168,8 +191,11 @@ def run_training(
     check_run_folder(settings, run_dir, overwrite)
     if read_run(run_dir) and settings.resume and (read_run(run_dir) or {}).get("status") == "done":
         return read_run(run_dir) or {}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite and not settings.resume:
+    if dist is not None:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if main and overwrite and not settings.resume:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
@@ -180,7 +206,7 @@ def run_training(
         "labels": data.labels, "lr": lr, "versions": versions(), "data": data.info,
         "config": config.to_peft_dict() if config is not None else None,
     }
-    write_run(run_dir, record)
+    record_run(record)
     model, fresh = load_model(model_path, data.task, data.num_classes or 2,
                               data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
     heads = head_modules(model, fresh, data.task)
@@ -192,9 +218,13 @@ def run_training(
             hf.config.use_cache = False
     trainable, total = count(model)
     info = {"base_model": model_path, "task": data.task, "labels": data.labels}
+    if dist is not None:
+        dist.prepare(model)
+        record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "shard": dist.shard}
+    save = dist.save_trained if dist is not None else save_trained
     trainer = Trainer(
         model, settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
-        data.num_classes, lr, on_best=lambda m: save_trained(m, run_dir, method, info), on_step=on_step,
+        data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
     )
     torch.manual_seed(settings.seed + 1)  # dropout stream, independent of how the head was initialised
     started = time.time()
@@ -203,10 +233,10 @@ def run_training(
     except (Interrupted, TrainingError, KeyboardInterrupt) as error:
         record["status"] = "interrupted" if not isinstance(error, TrainingError) else "failed"
         record["error"] = str(error)
-        write_run(run_dir, record)
+        record_run(record)
         raise
-    if trainer.best_state is not None:
-        restore_trainable(model, trainer.best_state)  # test metrics are those of the kept (best-dev) weights
+    if trainer.best_state is not None:  # test metrics are those of the kept (best-dev) weights
+        (dist.restore_trainable if dist is not None else restore_trainable)(model, trainer.best_state)
     results: dict[str, Any] = {
         "method": method, "trainable_params": trainable, "total_params": total,
         "trainable_pct": 100.0 * trainable / max(total, 1), "steps": summary["steps"],
@@ -218,7 +248,7 @@ def run_training(
     if best_eval:  # the dev metrics of the kept weights were computed when they were kept
         results["dev"] = {k: v for k, v in best_eval[-1].items() if k not in ("type", "split", "step", "epoch")}
     if "test" in data.encoded:
-        evaluated = evaluate(model, data.encoded["test"], data.task, tokenizer.pad_token_id, settings.eval_batch_size,
+        evaluated = evaluate(dist.eval_model if dist is not None else model, data.encoded["test"], data.task, tokenizer.pad_token_id, settings.eval_batch_size,
                              data.num_classes, settings.bf16)
         results["test"] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
     results["test_metric"] = results.get("test", {}).get(trainer.metric)
@@ -226,7 +256,8 @@ def run_training(
     results["adapter_bytes"] = artifact_size(run_dir)
     record.update(status="done", results=results)
     record.pop("error", None)
-    write_run(run_dir, record)
-    plot_run(trainer.history, run_dir / "training.png", title=f"{method} on {Path(settings.data).name}", metric=trainer.metric)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    record_run(record)
+    if main:
+        plot_run(trainer.history, run_dir / "training.png", title=f"{method} on {Path(settings.data).name}", metric=trainer.metric)
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return record

@@ -9,6 +9,7 @@ LR at step t (0-based): ``lr * t/w`` during warmup ``w``, then ``lr * f(p)`` wit
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from .artifacts import CHECKPOINT, load_checkpoint, restore_trainable, save_chec
 from .batching import Encoded, collate, train_batches
 from .settings import RunSettings
 from .tasks import better, evaluate
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 
 class TrainingError(DeltatuneError, RuntimeError):
@@ -96,8 +100,13 @@ class Trainer:
         lr: float,
         on_best: Callable[[nn.Module], None],
         on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
+        dist: Distributed | None = None,
     ) -> None:
+        """``dist``: this process of a multi-process run, ``model`` already passed through ``dist.prepare``."""
         self.model, self.settings, self.train_data, self.dev = model, settings, train, dev
+        self.dist = dist
+        self.forward_model = dist.forward_model if dist is not None else model
+        self.is_main = dist is None or dist.is_main
         self.run_dir, self.task, self.pad_id, self.num_classes = run_dir, task, pad_id, num_classes
         self.on_best, self.on_step = on_best, on_step
         self.metric = settings.metric or ("accuracy" if task == "classification" else "loss")
@@ -130,10 +139,13 @@ class Trainer:
         self._stop = True
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.dist.trainable_state(self.model) if self.dist else trainable_state(self.model)
+
     def state(self) -> dict[str, Any]:
         return {
-            "trainable": trainable_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": self._trainable_state(),
+            "optimizer": self.dist.optimizer_state(self.optimizer) if self.dist else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -148,12 +160,18 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_path, self.state())
+        state = self.state()  # every rank: gathering sharded tensors is collective
+        if self.is_main:
+            save_checkpoint(self.checkpoint_path, state)
 
     def load_checkpoint(self) -> None:
         state = load_checkpoint(self.checkpoint_path)
-        restore_trainable(self.model, state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist:
+            self.dist.restore_trainable(self.model, state["trainable"])
+            self.dist.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            restore_trainable(self.model, state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -166,11 +184,15 @@ class Trainer:
 
     # ---- metrics -----------------------------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:
+        if not self.is_main:
+            return
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
         (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
 
     def _log(self, row: dict[str, Any]) -> None:
         self.history.append(row)
+        if not self.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -178,24 +200,36 @@ class Trainer:
     def _train_step(self, group: list[list[int]]) -> tuple[float, float | None, int]:
         """Forward/backward over the micro-batches of ``group`` and one optimizer update; (loss, grad norm, tokens)."""
         total, tokens = 0.0, 0
-        for indices in group:
+        for number, indices in enumerate(group):
+            weight = 1.0
+            if self.dist:  # this rank's rows of the global micro-batch (see deltatune.train.distributed)
+                indices, weight = self.dist.local_rows(self.train_data, indices, self.task)
             batch = collate(self.train_data, indices, self.pad_id, self.task)
-            tokens += int(batch["attention_mask"].sum())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.bf16):
-                loss = self.model(**batch).loss
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                kept = f"the last good checkpoint (step {self._saved_step}) is {self.checkpoint_path}" if self._saved_step is not None else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {self.step + 1}; training stopped and {kept}. "
-                    f"Lower --lr, set --max-grad-norm, or drop --bf16"
-                )
-            (loss / len(group)).backward()
-            total += loss.item() / len(group)
+            tokens += int(batch["attention_mask"].sum()) if weight else 0
+            device = self.dist.device.type if self.dist else "cpu"
+            sync = self.dist.sync(number + 1 == len(group)) if self.dist else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=self.settings.bf16):
+                    loss = self.forward_model(**(self.dist.to_device(batch) if self.dist else batch)).loss
+                value = loss.detach() * weight / self.dist.world_size if self.dist else loss.detach()
+                if self.dist:
+                    value = torch.tensor(self.dist.all_sum([float(value)])[0])
+                if not torch.isfinite(value):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    kept = f"the last good checkpoint (step {self._saved_step}) is {self.checkpoint_path}" if self._saved_step is not None else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"loss became {value.item()} at step {self.step + 1}; training stopped and {kept}. "
+                        f"Lower --lr, set --max-grad-norm, or drop --bf16"
+                    )
+                (loss * weight / len(group)).backward()
+            total += value.item() / len(group)
+        if self.dist:
+            tokens = int(self.dist.all_sum([tokens])[0])
         norm = None
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.settings.max_grad_norm:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+            clipped = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+            norm = float(clipped.full_tensor() if hasattr(clipped, "full_tensor") else clipped)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -204,15 +238,17 @@ class Trainer:
     def _evaluate(self, epoch: float) -> dict[str, Any]:
         assert self.dev is not None
         result = evaluate(
-            self.model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
+            self.dist.eval_model if self.dist else self.model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
         )
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        if self.dist:
+            metrics = self.dist.from_main(metrics)  # identical decisions about the best weights on every rank
         self._log({"type": "eval", "split": "dev", "step": self.step, "epoch": round(epoch, 4), **metrics})
         if self.metric not in metrics:
             raise ConfigError(f"--metric {self.metric} is not computed for {self.task}; choose from {', '.join(metrics)}")
         if better(self.metric, metrics[self.metric], self.best):
             self.best, self.best_step = metrics[self.metric], self.step
-            self.best_state = trainable_state(self.model)
+            self.best_state = self._trainable_state()
             self.on_best(self.model)
         return metrics
 
@@ -221,7 +257,7 @@ class Trainer:
         if resume and self.checkpoint_path.is_file():
             self.load_checkpoint()
             self._saved_step = self.step
-        else:
+        elif self.is_main:
             (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
         previous = self._install_sigint()
         try:
@@ -248,7 +284,7 @@ class Trainer:
 
         settings = self.settings
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=settings.method, unit="step", disable=settings.quiet,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=settings.method, unit="step", disable=settings.quiet or not self.is_main,
                    dynamic_ncols=True, mininterval=1.0)
         epoch, start_group = self.position
         try:
@@ -273,6 +309,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                     if self.on_step is not None:
                         self.on_step(self, row)
+                    if self.dist:  # a stop request on any rank stops every rank after this step
+                        self._stop = self.dist.all_sum([float(self._stop)])[0] > 0
                     finished = self.step >= self.total_steps
                     due = settings.eval_every and self.step % settings.eval_every == 0
                     evaluated = False

@@ -1,0 +1,216 @@
+"""Multi-process training on this machine: 2 CPU processes (gloo) launched with torchrun.
+
+After the same number of steps with the same global batch, the adapters of DDP and FSDP2 runs equal a
+single-process run's to <= 1e-5 (classification with uneven shards and a 1-row batch; causal LM with prompt tokens
+masked and gradient accumulation); a checkpoint written by 2 processes resumes in 1 and one written by 1 resumes
+in 2; DDP synchronises only trainable tensors; ``deltatune train --nproc 2`` launches torchrun itself.
+Dropout is 0 everywhere: with dropout the random masks of a 2-process run differ from a 1-process run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltatune.cli import main
+from deltatune.train.run import run_training
+from deltatune.train.settings import RunSettings
+from deltatune.train.trainer import Interrupted
+
+WORDS = "good bad great awful fine movie plot actor boring fun dull nice".split()
+
+# Runs in each of the 2 torchrun processes: the jobs listed in jobs.json, then a check of what DDP synchronises.
+WORKER = r'''
+import json, sys
+import torch, torch.distributed as dist
+from deltatune.train.run import run_training
+from deltatune.train.settings import RunSettings
+from deltatune.train.trainer import Interrupted
+
+dist.init_process_group("gloo")  # one group for every job (run_training then uses it and leaves it open)
+rank = dist.get_rank()
+for job in json.load(open(sys.argv[1])):
+    def stop(trainer, row, at=job.get("stop_at")):
+        if row["step"] == at:
+            trainer.request_stop() if rank == 0 else None  # a request on one rank stops all of them
+    try:
+        run_training(RunSettings(**job["settings"]), shard=job["shard"], on_step=stop)
+    except Interrupted:
+        pass
+
+# DDP: a frozen base tensor that differs between ranks is left alone, trainable tensors come from rank 0
+import deltatune as dt
+from deltatune.train.distributed import Distributed
+torch.manual_seed(rank)  # different adapter init on each rank
+model = dt.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), dt.LoraConfig(r=2, targets=["0"], init="gaussian"))
+base = model.model[1].weight.detach().clone()
+d = Distributed()
+ddp = d.prepare(model)
+lora_a = model.model[0].adapters["default"].lora_A.weight.detach().clone()
+gathered = [None, None]
+dist.all_gather_object(gathered, (base, lora_a))
+ignored = sorted(ddp.parameters_to_ignore)
+if rank == 0:
+    json.dump({"base_differs": not torch.equal(gathered[0][0], gathered[1][0]),
+               "lora_equal": torch.equal(gathered[0][1], gathered[1][1]), "ignored": ignored,
+               "backend": d.backend}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+'''
+
+
+def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, minilm_path) -> Path:
+    """A random 2-layer BERT and Llama (hidden 32, no dropout) with MiniLM's tokenizer; tiny cls and LM data."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("dist")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(root / "bert")
+    LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "llama")
+    rng = random.Random(0)
+    splits = {
+        "cls": {s: [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))), "label": rng.choice(["pos", "neg"])}
+                    for _ in range(n)] for s, n in (("train", 21), ("dev", 8))},
+        "lm": {s: [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+                    "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))} for _ in range(n)]
+               for s, n in (("train", 24), ("dev", 6))},
+    }
+    for name, parts in splits.items():
+        (root / name).mkdir()
+        for split, rows in parts.items():
+            (root / name / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+def cls_settings(work: Path, out: str, **changes) -> RunSettings:
+    """21 rows in global batches of 5: ranks get 3 and 2 rows, and in the 1-row batch rank 1 gets none."""
+    base = dict(data=str(work / "cls"), model=str(work / "bert"), method="lora", method_options={"r": "4", "dropout": "0"},
+                max_length=32, batch_size=5, max_steps=6, eval_every=3, metric="loss", lr=1e-2, quiet=True, out=str(work / out))
+    return RunSettings(**{**base, **changes})
+
+
+def lm_settings(work: Path, out: str, **changes) -> RunSettings:
+    """Causal LM on prompt/completion rows (prompt tokens ignored: ranks hold very different numbers of targets)."""
+    base = dict(data=str(work / "lm"), model=str(work / "llama"), method="lora",
+                method_options={"r": "4", "dropout": "0", "targets": "q_proj,v_proj,down_proj"}, max_length=32,
+                batch_size=3, grad_accum=2, max_steps=4, eval_every=2, lr=1e-2, quiet=True, out=str(work / out))
+    return RunSettings(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def runs(work) -> Path:
+    """Single-process references, then one torchrun launch with every 2-process job."""
+    run_training(cls_settings(work, "ref_cls"))
+    run_training(lm_settings(work, "ref_lm"))
+
+    def stop_at_2(trainer, row):
+        if row["step"] == 2:
+            trainer.request_stop()
+
+    with pytest.raises(Interrupted):
+        run_training(cls_settings(work, "one_then_two"), on_step=stop_at_2)
+    jobs = [
+        {"settings": dataclasses.asdict(cls_settings(work, "ddp_cls")), "shard": False},
+        {"settings": dataclasses.asdict(cls_settings(work, "fsdp_cls")), "shard": True},
+        {"settings": dataclasses.asdict(lm_settings(work, "ddp_lm")), "shard": False},
+        {"settings": dataclasses.asdict(lm_settings(work, "fsdp_lm")), "shard": True},
+        {"settings": dataclasses.asdict(cls_settings(work, "two_then_one")), "shard": True, "stop_at": 2},
+        {"settings": dataclasses.asdict(cls_settings(work, "one_then_two", resume=True)), "shard": False},
+    ]
+    (work / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    (work / "worker.py").write_text(WORKER, encoding="utf-8")
+    torchrun("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(work / "worker.py"),
+             str(work / "jobs.json"), str(work / "ddp_check.json"))
+    return work
+
+
+@pytest.mark.parametrize("run", ["ddp_cls", "fsdp_cls", "ddp_lm", "fsdp_lm"])
+def test_two_processes_equal_one(runs, run):
+    reference = runs / ("ref_cls" if run.endswith("cls") else "ref_lm")
+    record = json.loads((runs / run / "run.json").read_text())
+    assert record["status"] == "done"
+    assert record["distributed"] == {"world_size": 2, "backend": "gloo", "shard": run.startswith("fsdp")}
+    trained = adapter(runs / run)
+    assert any("lora_B" in k and float(v.abs().max()) > 1e-3 for k, v in trained.items())  # not an empty/zero adapter
+    assert max_diff(adapter(reference), trained) <= 1e-5
+    assert train_losses(runs / run) == pytest.approx(train_losses(reference), abs=1e-5)
+    ref = json.loads((reference / "run.json").read_text())["results"]
+    assert record["results"]["tokens"] == ref["tokens"] and record["results"]["best_dev"] == pytest.approx(ref["best_dev"], abs=1e-5)
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(runs):
+    folder = runs / "two_then_one"
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and not any(k.startswith("module.") for k in state["trainable"])  # single-process names
+    record = run_training(cls_settings(runs, "two_then_one", resume=True))
+    assert record["status"] == "done" and record["results"]["steps"] == 6
+    assert max_diff(adapter(runs / "ref_cls"), adapter(folder)) <= 1e-5
+    assert train_losses(folder) == pytest.approx(train_losses(runs / "ref_cls"), abs=1e-5)
+
+
+def test_checkpoint_of_one_process_resumes_in_two(runs):
+    record = json.loads((runs / "one_then_two" / "run.json").read_text())
+    assert record["status"] == "done" and record["distributed"]["world_size"] == 2
+    assert max_diff(adapter(runs / "ref_cls"), adapter(runs / "one_then_two")) <= 1e-5
+
+
+def test_ddp_synchronises_only_trainable_tensors(runs):
+    check = json.loads((runs / "ddp_check.json").read_text())
+    assert check["backend"] == "gloo" and check["base_differs"] and check["lora_equal"]
+    assert check["ignored"] == ["model.0.bias", "model.0.weight", "model.1.bias", "model.1.weight"]
+
+
+def test_cli_nproc_launches_torchrun(runs):
+    out = runs / "cli_ddp"
+    s = cls_settings(runs, "cli_ddp")
+    torchrun("-m", "deltatune", "train", "--nproc", "2", "--data", s.data, "--model", s.model, "--r", "4", "--dropout", "0",
+             "--max-length", "32", "--batch-size", "5", "--max-steps", "6", "--eval-every", "3", "--metric", "loss",
+             "--lr", "1e-2", "--quiet", "--out", str(out))
+    assert json.loads((out / "run.json").read_text())["distributed"]["world_size"] == 2
+    assert max_diff(adapter(runs / "ref_cls"), adapter(out)) <= 1e-5
+
+
+def test_shard_needs_several_processes(work, capsys):
+    s = cls_settings(work, "single_shard")
+    assert main(["train", "--data", s.data, "--model", s.model, "--shard", "--quiet", "--out", s.out]) == 2
+    assert "--shard needs several processes" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def randomize(model: dt.DeltaModel) -> None:
                 parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
 
 
-def inputs_for(auto: str) -> dict[str, torch.Tensor]:  # noqa: ARG001 - same ids for both kinds
+def inputs_for() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 64, (3, 9), generator=generator)
     mask = torch.ones_like(ids)
@@ -100,7 +100,7 @@ def exported(tmp_path_factory, minilm_path) -> dict:
         model = dt.wrap(build(), config())
         randomize(model)
         model.eval()
-        inputs = inputs_for(auto)
+        inputs = inputs_for()
         with torch.no_grad():
             expected[name] = model(**inputs).logits
         torch.save(inputs, root / f"{name}.pt")
@@ -115,7 +115,7 @@ def exported(tmp_path_factory, minilm_path) -> dict:
     model = dt.wrap(base, dt.LoraConfig(r=4, alpha=8, targets="all-linear"))
     randomize(model)
     model.save(root / "llama_adapter")
-    inputs = inputs_for("causal")
+    inputs = inputs_for()
     with torch.no_grad():
         expected["cli_merge"] = model.eval()(**inputs).logits
     torch.save(inputs, root / "cli_merge.pt")
@@ -148,9 +148,9 @@ def test_merged_folder_loads_with_transformers_and_matches(exported, name):
 
 def test_merge_changes_outputs(exported):
     """The adapters are not no-ops: the merged models differ from their bases (else the equality proves nothing)."""
-    for name, (build, _, auto) in CASES.items():
+    for name, (build, _, _) in CASES.items():
         with torch.no_grad():
-            base_logits = build().eval()(**inputs_for(auto)).logits
+            base_logits = build().eval()(**inputs_for()).logits
         assert float((base_logits - exported["expected"][name]).abs().max()) > 1e-2, name
 
 

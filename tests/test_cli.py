@@ -211,3 +211,28 @@ def test_every_registered_method_trains_and_its_saved_adapter_reproduces_test_me
         metrics = json.loads(capsys.readouterr().out)["test"]
         recorded = json.loads((out / "run.json").read_text())["results"]["test"]
         assert metrics["accuracy"] == recorded["accuracy"] and metrics["loss"] == pytest.approx(recorded["loss"], abs=1e-6), method
+
+
+def test_qlora_train_and_eval_reproduce_metrics_on_an_nf4_base(data_dir, tiny_model, tmp_path, capsys):
+    """--quantize nf4: the run trains over an NF4 base; eval re-quantizes the base and reproduces the metrics."""
+    out = tmp_path / "qlora"
+    assert main(["train", "--data", str(data_dir), "--model", tiny_model, "--method", "lora", "--r", "4",
+                 "--targets", "query,value", "--max-steps", "3", "--batch-size", "16", "--lr", "0.02",
+                 "--max-length", "64", "--quantize", "nf4", "--out", str(out), "--quiet"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["quantize"] == "nf4"
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--data", str(data_dir), "--split", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(run["results"]["test"]["accuracy"], abs=1e-12)
+    from deltatune.quant import NF4Linear
+    from deltatune.train.inference import load_for_inference
+
+    model, *_ = load_for_inference(None, out, None, None)
+    assert any(isinstance(m.base_layer if hasattr(m, "base_layer") else m, NF4Linear) for m in model.modules())
+
+
+def test_quantize_with_a_baseline_is_refused(data_dir, tiny_model, tmp_path, capsys):
+    code = main(["train", "--data", str(data_dir), "--model", tiny_model, "--method", "full", "--quantize", "nf4",
+                 "--max-steps", "1", "--out", str(tmp_path / "f"), "--quiet"])
+    assert code == 2
+    assert "--quantize nf4 keeps the base frozen in 4 bits; 'full' trains base weights" in capsys.readouterr().err

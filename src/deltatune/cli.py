@@ -68,6 +68,7 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--quantize", choices=("nf4",), help="QLoRA: keep the frozen base's Linear weights in NF4 (adapter methods)")
     g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch end)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each evaluation)")
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="comma list of splits (default: dev and test)")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--quantize", choices=("nf4",), help="quantize the base to NF4 (default: as it was trained)")
     ev.add_argument("--predictions", help="write per-row predictions and logits to this jsonl file")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_data(ev, eval_only=True)
@@ -183,7 +185,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio, seed=args.seed, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, group_by_length=not args.no_group_by_length,
+        gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize, group_by_length=not args.no_group_by_length,
         eval_every=args.eval_every, save_every=args.save_every, metric=args.metric, threads=args.threads,
         out=args.out, resume=getattr(args, "resume", False), quiet=args.quiet,
     )

@@ -38,12 +38,13 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     kind = artifact_kind(directory)
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"kind": kind}
     run = read_run(directory)
     if run is not None:
         settings = run.get("settings", {})
         info.update(task=run.get("task"), labels=run.get("labels"), model=settings.get("model"),
-                    fields=settings.get("fields", {}), max_length=settings.get("max_length"))
+                    fields=settings.get("fields", {}), max_length=settings.get("max_length"),
+                    quantize=settings.get("quantize"), method=settings.get("method"))
     elif kind == "baseline":
         data = json.loads((directory / BASELINE_CONFIG).read_text(encoding="utf-8"))
         info.update(task=data.get("task"), labels=data.get("labels"), model=data.get("base_model"))
@@ -58,7 +59,9 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
     return {k: v for k, v in info.items() if v is not None}
 
 
-def load_for_inference(model_name: str | None, adapter: Path | None, task: str | None, labels: Any, seed: int = 0) -> tuple[nn.Module, Any, str, Any]:
+def load_for_inference(
+    model_name: str | None, adapter: Path | None, task: str | None, labels: Any, seed: int = 0, quantize: str | None = None
+) -> tuple[nn.Module, Any, str, Any]:
     """(model with the trained weights applied, tokenizer, task, labels)."""
     quiet_transformers()
     info = artifact_info(adapter)
@@ -71,6 +74,11 @@ def load_for_inference(model_name: str | None, adapter: Path | None, task: str |
     labels = labels if labels is not None else info.get("labels")
     num = labels if isinstance(labels, int) else len(labels) if labels else 2
     model, _ = load_model(path, task, num, labels if isinstance(labels, list) else None, seed, tokenizer.pad_token_id)
+    quantize = quantize or info.get("quantize")
+    if quantize:
+        from .models import quantize_base
+
+        quantize_base(model, quantize, info.get("kind") == "baseline", info.get("method", "?"))
     if adapter is not None:
         model = load_trained(model, adapter)
     model.eval()
@@ -85,7 +93,7 @@ def run_eval(args: Any) -> dict[str, Any]:
         fields={**info.get("fields", {}), **args.fields}, max_length=args.max_length or info.get("max_length", 128),
         max_eval=args.max_eval, seed=args.seed, eval_batch_size=args.batch_size, quiet=True,
     )
-    model, tokenizer, task, labels = load_for_inference(settings.model, adapter, None if settings.task == "auto" else settings.task, info.get("labels"))
+    model, tokenizer, task, labels = load_for_inference(settings.model, adapter, None if settings.task == "auto" else settings.task, info.get("labels"), quantize=getattr(args, "quantize", None))
     wanted = args.split.split(",") if args.split else None
     data = prepare_data(settings, tokenizer, need_train=False, labels=labels, only=wanted, skip=() if wanted else ("train",))
     if wanted is None:

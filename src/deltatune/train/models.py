@@ -164,6 +164,16 @@ def prepare_method(
         raise ConfigError(f"method '{method}' could not be applied to this model: {error}") from error
 
 
+def quantize_base(model: nn.Module, scheme: str, baseline: bool, method: str) -> None:
+    """QLoRA: store the frozen base's Linear weights in NF4 (heads stay dense); adapter methods only."""
+    if baseline:
+        raise ConfigError(f"--quantize {scheme} keeps the base frozen in 4 bits; '{method}' trains base weights. "
+                          f"Use an adapter method such as lora")
+    from ..quant import quantize_nf4
+
+    quantize_nf4(model, compute_dtype=torch.float32)
+
+
 def unwrap_hf(model: nn.Module) -> nn.Module:
     """The transformers model under a ``DeltaModel`` (for gradient checkpointing and ``config``)."""
     return model.model if isinstance(model, DeltaModel) else model

@@ -26,6 +26,7 @@ from .models import (
     load_model,
     load_tokenizer,
     prepare_method,
+    quantize_base,
     quiet_transformers,
     resolve_model,
     unwrap_hf,
@@ -210,6 +211,8 @@ def _run_training(
     model, fresh = load_model(model_path, data.task, data.num_classes or 2,
                               data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
     heads = head_modules(model, fresh, data.task)
+    if settings.quantize:
+        quantize_base(model, settings.quantize, config is None, method)
     model = prepare_method(model, method, config, heads, data.task, settings.k)
     if settings.gradient_checkpointing:
         hf = unwrap_hf(model)
@@ -217,7 +220,7 @@ def _run_training(
         if hasattr(hf.config, "use_cache"):
             hf.config.use_cache = False
     trainable, total = count(model)
-    info = {"base_model": model_path, "task": data.task, "labels": data.labels}
+    info = {"base_model": model_path, "task": data.task, "labels": data.labels, "quantize": settings.quantize}
     if dist is not None:
         dist.prepare(model)
         record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "shard": dist.shard}

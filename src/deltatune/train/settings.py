@@ -42,6 +42,7 @@ class RunSettings:
     loraplus_ratio: float | None = None
     seed: int = 0
     bf16: bool = False
+    quantize: str | None = None  # "nf4": QLoRA, the frozen base's Linear weights stored 4-bit
     gradient_checkpointing: bool = False
     group_by_length: bool = True
     eval_every: int = 0  # steps; 0 = at the end of each epoch
@@ -71,6 +72,7 @@ class RunSettings:
             (self.max_eval is None or self.max_eval >= 1, "--max-eval must be >= 1"),
             (self.scheduler in ("linear", "cosine", "constant"), "--scheduler must be linear, cosine or constant"),
             (self.task in ("auto", "classification", "causal-lm"), "--task must be auto, classification or causal-lm"),
+            (self.quantize in (None, "nf4"), "--quantize must be nf4"),
         ]
         for ok, message in checks:
             if not ok:

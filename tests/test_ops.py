@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.ops import dropout_mask, lora_add, lora_linear, lora_linear_reference
+from deltatune.ops import (
+    dora_linear,
+    dora_linear_reference,
+    dropout_mask,
+    lora_add,
+    lora_linear,
+    lora_linear_reference,
+)
 from deltatune.ops.lora import _use_merged
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -173,3 +180,43 @@ def test_fused_path_skips_hooked_and_trainable_bases(mlp) -> None:
     handle.remove()
     layer.base_layer.weight.requires_grad_(True)
     assert delta.fused_forward(x, layer) is None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen_a", [False, True])
+def test_dora_linear_matches_plain_formula(bias: bool, frozen_a: bool) -> None:
+    weight, b0, a, b = _factors(24, 40, 4, frozen_a=frozen_a)
+    b0 = b0 if bias else None
+    magnitude = (torch.rand(40) + 0.5).requires_grad_()
+    norm = torch.linalg.vector_norm(weight + 0.5 * b.detach() @ a.detach(), dim=1)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    y = dora_linear(x, weight, b0, a, b, magnitude, norm, 0.5)
+    ref = dora_linear_reference(x, weight, b0, a, b, magnitude, norm, 0.5)
+    torch.testing.assert_close(y, ref, **TOL)
+    _check(_grads(y, [x, a, b, magnitude]), _grads(ref, [x, a, b, magnitude]), TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(dora_linear(x, weight, b0, a, b, magnitude, norm, 0.5), ref, **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wrapped_dora_training_step_fused_equals_unfused(arch: str) -> None:
+    import conftest
+
+    models = []
+    for fuse in (True, False):
+        base = conftest.tiny_llama() if arch == "llama" else conftest.tiny_gpt2()
+        model = dt.wrap(base, dt.DoraConfig(r=4, alpha=8, init="random", targets="all-linear"))
+        if not fuse:
+            _unfused(model)
+        models.append(model.train())
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in models:
+        torch.manual_seed(11)  # GPT-2's own dropouts
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+    assert any("lora_magnitude_vector" in n for n in results[0][1])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import MergeError, TargetError
 from ..layers import DeltaLayer, base_weight, layer_kind, linear_features
+from ..ops import dora_linear, fusable_base
 from .lora import INITS, LoraConfig, LoraLinear, pattern_value
 
 
@@ -116,7 +117,17 @@ class DoraLinear(LoraLinear):
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def fused_forward(self, x: torch.Tensor, layer: DeltaLayer) -> torch.Tensor | None:
-        return None  # LoRA's fused base+delta op does not apply to DoRA; ``forward`` runs after the base
+        """``base(x) + delta`` as one op (``deltatune.ops.dora_linear``: ``g * (x (W0 + s B A)^T) + b``) when
+        dropout is off and the base is a plain frozen float Linear/Conv1D of the adapter's dtype, else None."""
+        if self.dropout_p() > 0:
+            return None
+        base = fusable_base(layer.base_layer, x)
+        if base is None or base[0].dtype != self.lora_A.weight.dtype:
+            return None
+        norm = self.weight_norm(layer).to(base[0].dtype)
+        return dora_linear(
+            x, base[0], base[1], self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector, norm, self.scaling
+        )
 
     def _out_is_base(self, layer: DeltaLayer) -> bool:
         """Whether ``out`` is the bare base output (no other unmerged adapter ran before this one)."""

@@ -3,6 +3,9 @@
 Each function equals its plain formula up to float rounding; tests/test_ops.py checks outputs and gradients.
 """
 
+from .dora import dora_linear, dora_linear_reference
 from .lora import dropout_mask, fusable_base, lora_add, lora_linear, lora_linear_reference
 
-__all__ = ["dropout_mask", "fusable_base", "lora_add", "lora_linear", "lora_linear_reference"]
+__all__ = [
+    "dora_linear", "dora_linear_reference", "dropout_mask", "fusable_base", "lora_add", "lora_linear", "lora_linear_reference",
+]

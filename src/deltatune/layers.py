@@ -203,7 +203,9 @@ class TrainableCopies(AdapterHost):
         return self._chosen()(*args, **kwargs)
 
     def _forward_mixed(self, x: torch.Tensor, *args, **kwargs):
-        rows = self.row_adapters
+        from .serve.mixed import row_names
+
+        rows = row_names(self.row_adapters, x.shape[0])
         outputs: dict[str, torch.Tensor] = {}
         for name in dict.fromkeys(rows):
             module = self.copies[name] if name in self.copies else self.base_layer

@@ -214,6 +214,8 @@ def forward_mixed(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor) -> torc
     if not used:
         return out
     deltas = [layer.adapters[name] for name in used]
+    if len(used) == 1 and all(r == used[0] for r in rows):  # one adapter for every row: its own forward
+        return deltas[0](x, out, layer)
     if any(_dropping(d) for d in deltas):
         return run_each(layer, x, out, rows, used)
     need_grad = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())

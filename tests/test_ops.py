@@ -220,3 +220,51 @@ def test_wrapped_dora_training_step_fused_equals_unfused(arch: str) -> None:
     assert any("lora_magnitude_vector" in n for n in results[0][1])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-5, rtol=1e-4)
+
+
+def _compile_or_skip(module: torch.nn.Module, sample) -> torch.nn.Module:
+    """``torch.compile(fullgraph=True)`` with inductor: a graph break in the LoRA path is an error."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on CPU needs a C++ compiler; none found")
+    compiled = torch.compile(module, backend="inductor", fullgraph=True)
+    try:
+        compiled(sample)
+    except Exception as error:  # noqa: BLE001
+        if "graph break" in str(error).lower() or "Unsupported" in type(error).__name__:
+            raise
+        pytest.skip(f"inductor cannot compile here: {type(error).__name__}: {str(error)[:200]}")
+    return compiled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_torch_compile_inductor_no_graph_breaks(mlp, method: str) -> None:
+    """The wrapped model compiles as one graph (fullgraph=True) and matches eager: outputs and gradients."""
+    torch._dynamo.reset()
+    config_cls = dt.LoraConfig if method == "lora" else dt.DoraConfig
+    model = dt.wrap(mlp, config_cls(r=2, alpha=4, init="random", targets=["fc1", "fc2"])).train()
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    compiled = _compile_or_skip(model, ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_out = model(ids)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), params)
+    out = compiled(ids)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    torch.testing.assert_close(out, eager_out, **TOL)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_with_lora_dropout(mlp) -> None:
+    """With dropout the fused op's bool mask compiles too (masks differ from eager's RNG; check shape and grads)."""
+    torch._dynamo.reset()
+    model = dt.wrap(mlp, dt.LoraConfig(r=2, alpha=4, dropout=0.5, init="random", targets=["fc1", "fc2"])).train()
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    compiled = _compile_or_skip(model, ids)
+    out = compiled(ids)
+    out.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert out.shape == (8, 4) and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -92,6 +92,8 @@ class DoraLinear(LoraLinear):
     def base_sq_norm(self, layer: DeltaLayer) -> torch.Tensor:
         """Cached ``||W0_i||^2`` (float32) of the layer's current weight."""
         weight = layer.weight_for_merge
+        if torch.compiler.is_compiling():  # the storage-keyed cache cannot be traced; inside a graph it is cheap
+            return torch.linalg.vector_norm(self._oi(weight.detach()).float(), dim=1).square()
         key = (weight.data_ptr(), weight._version, tuple(layer.merged), weight.device, weight.dtype)
         if self._w0_sq is None or self._cache_key != key:
             with torch.no_grad():

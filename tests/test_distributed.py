@@ -27,15 +27,43 @@ from deltatune.train.trainer import Interrupted
 
 WORDS = "good bad great awful fine movie plot actor boring fun dull nice".split()
 
-# Runs in each of the 2 torchrun processes: the jobs listed in jobs.json, then a check of what DDP synchronises.
+# transformers.Trainer (DeltaTrainer) on a LoRA BERT; under a launcher the Trainer wraps the model in DDP itself.
+HF_RUN = r'''
+def hf_run(out, per_device):
+    import torch
+    import deltatune as dt
+    from deltatune.hf import DeltaTrainer
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = dt.wrap(base, dt.LoraConfig(r=4, targets=["query", "value"], modules_to_save=["classifier"]))
+    generator = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(0, 64, (10,), generator=generator), "labels": i % 2} for i in range(32)]
+    # average_tokens_across_devices=False: BERT's classification loss ignores num_items_in_batch, so the Trainer's
+    # default would scale its loss by the number of processes (transformers behaviour, the same for the bare model)
+    args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=per_device, learning_rate=1e-2,
+                             save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                             average_tokens_across_devices=False, ddp_find_unused_parameters=False)
+    trainer = DeltaTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return type(trainer.model_wrapped).__name__
+'''
+
+# Runs in each of the 2 torchrun processes: the jobs listed in jobs.json, DeltaTrainer, and a check of what DDP
+# synchronises.
 WORKER = r'''
 import json, sys
 import torch, torch.distributed as dist
+from deltatune.cli import main
 from deltatune.train.run import run_training
 from deltatune.train.settings import RunSettings
 from deltatune.train.trainer import Interrupted
 
-dist.init_process_group("gloo")  # one group for every job (run_training then uses it and leaves it open)
+# the command line under torchrun: deltatune creates the process group (gloo) itself; later runs reuse it
+code = main(json.load(open(sys.argv[5])))
+assert code == 0 and dist.is_initialized(), code
 rank = dist.get_rank()
 for job in json.load(open(sys.argv[1])):
     def stop(trainer, row, at=job.get("stop_at")):
@@ -45,6 +73,9 @@ for job in json.load(open(sys.argv[1])):
         run_training(RunSettings(**job["settings"]), shard=job["shard"], on_step=stop)
     except Interrupted:
         pass
+
+exec(open(sys.argv[3]).read())
+wrapper = hf_run(sys.argv[4], per_device=4)  # 2 x 4 rows = the global batch of 8
 
 # DDP: a frozen base tensor that differs between ranks is left alone, trainable tensors come from rank 0
 import deltatune as dt
@@ -61,8 +92,7 @@ ignored = sorted(ddp.parameters_to_ignore)
 if rank == 0:
     json.dump({"base_differs": not torch.equal(gathered[0][0], gathered[1][0]),
                "lora_equal": torch.equal(gathered[0][1], gathered[1][1]), "ignored": ignored,
-               "backend": d.backend}, open(sys.argv[2], "w"))
-dist.destroy_process_group()
+               "backend": d.backend, "hf_wrapper": wrapper, "owns_group": d.owns_group}, open(sys.argv[2], "w"))
 '''
 
 
@@ -136,6 +166,14 @@ def lm_settings(work: Path, out: str, **changes) -> RunSettings:
     return RunSettings(**{**base, **changes})
 
 
+def cli_args(work: Path, out: str) -> list[str]:
+    """``deltatune train`` arguments equal to ``cls_settings(work, out)``."""
+    s = cls_settings(work, out)
+    return ["train", "--data", s.data, "--model", s.model, "--r", "4", "--dropout", "0", "--max-length", "32",
+            "--batch-size", "5", "--max-steps", "6", "--eval-every", "3", "--metric", "loss", "--lr", "1e-2", "--quiet",
+            "--out", s.out]
+
+
 @pytest.fixture(scope="module")
 def runs(work) -> Path:
     """Single-process references, then one torchrun launch with every 2-process job."""
@@ -157,9 +195,12 @@ def runs(work) -> Path:
         {"settings": dataclasses.asdict(cls_settings(work, "one_then_two", resume=True)), "shard": False},
     ]
     (work / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    (work / "cli_args.json").write_text(json.dumps(cli_args(work, "cli_ddp")), encoding="utf-8")
     (work / "worker.py").write_text(WORKER, encoding="utf-8")
+    (work / "hf_run.py").write_text(HF_RUN, encoding="utf-8")
     torchrun("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(work / "worker.py"),
-             str(work / "jobs.json"), str(work / "ddp_check.json"))
+             str(work / "jobs.json"), str(work / "ddp_check.json"), str(work / "hf_run.py"), str(work / "hf_ddp"),
+             str(work / "cli_args.json"))
     return work
 
 
@@ -196,18 +237,48 @@ def test_checkpoint_of_one_process_resumes_in_two(runs):
 
 def test_ddp_synchronises_only_trainable_tensors(runs):
     check = json.loads((runs / "ddp_check.json").read_text())
-    assert check["backend"] == "gloo" and check["base_differs"] and check["lora_equal"]
+    assert check["backend"] == "gloo" and check["base_differs"] and check["lora_equal"] and not check["owns_group"]
     assert check["ignored"] == ["model.0.bias", "model.0.weight", "model.1.bias", "model.1.weight"]
 
 
-def test_cli_nproc_launches_torchrun(runs):
+def test_hf_trainer_two_processes_equal_one(runs):
+    """DeltaTrainer under torchrun (what ``accelerate launch --multi_gpu --num_processes 2`` runs too)."""
+    pytest.importorskip("accelerate")
+    namespace: dict = {}
+    exec(HF_RUN, namespace)
+    assert namespace["hf_run"](str(runs / "hf_one"), per_device=8) == "DeltaModel"
+    assert json.loads((runs / "ddp_check.json").read_text())["hf_wrapper"] == "DistributedDataParallel"
+    folder = runs / "hf_ddp" / "checkpoint-4"
+    assert not (folder / "model.safetensors").exists()
+    assert max_diff(adapter(runs / "hf_one" / "checkpoint-4"), adapter(folder)) <= 1e-5
+
+
+def test_cli_under_torchrun_equals_one_process(runs, capsys):
     out = runs / "cli_ddp"
-    s = cls_settings(runs, "cli_ddp")
-    torchrun("-m", "deltatune", "train", "--nproc", "2", "--data", s.data, "--model", s.model, "--r", "4", "--dropout", "0",
-             "--max-length", "32", "--batch-size", "5", "--max-steps", "6", "--eval-every", "3", "--metric", "loss",
-             "--lr", "1e-2", "--quiet", "--out", str(out))
-    assert json.loads((out / "run.json").read_text())["distributed"]["world_size"] == 2
+    record = json.loads((out / "run.json").read_text())
+    assert record["distributed"] == {"world_size": 2, "backend": "gloo", "shard": False}
+    assert record["settings"] == json.loads((runs / "ref_cls" / "run.json").read_text())["settings"] | {"out": str(out)}
     assert max_diff(adapter(runs / "ref_cls"), adapter(out)) <= 1e-5
+
+
+def test_cli_nproc_runs_torchrun_with_the_same_settings(work, monkeypatch):
+    """``--nproc 2`` re-launches ``deltatune train`` under torchrun with the parsed settings (what the worker above
+    runs; a real ``--nproc`` launch was checked by hand, see the issue report)."""
+    seen = {}
+
+    def fake_call(command):
+        seen["command"] = command
+        seen["settings"] = json.loads(Path(command[command.index("--settings-file") + 1]).read_text())
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main([*cli_args(work, "nproc"), "--nproc", "2", "--shard"]) == 0
+    command = seen["command"]
+    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[5:8] == ["-m", "deltatune", "train"] and command[-1] == "--shard"
+    assert seen["settings"] == dataclasses.asdict(cls_settings(work, "nproc"))
+    assert not Path(command[command.index("--settings-file") + 1]).exists()  # removed after the run
 
 
 def test_shard_needs_several_processes(work, capsys):

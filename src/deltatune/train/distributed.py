@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -74,10 +75,11 @@ class Distributed:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and self.local_rank < torch.cuda.device_count()
         self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
-        if self.owns_group:
+        if self.owns_group:  # kept for the life of the process: re-creating a group under torchrun fails
             if cuda:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+            atexit.register(_destroy_group)
         self.backend = dist.get_backend()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.shard = shard
@@ -93,11 +95,6 @@ class Distributed:
 
     def barrier(self) -> None:
         dist.barrier()
-
-    def close(self) -> None:
-        """Destroy the process group if this object created it."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
     # ---- model -------------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -244,6 +241,11 @@ class Distributed:
         self.barrier()
 
 
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def like(parameter: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (full) placed like ``parameter``: on its device, and sharded the same way when it is a DTensor
     (each rank takes its own chunk; no communication)."""
@@ -274,7 +276,8 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def setup(shard: bool = False) -> Distributed | None:
-    """The process's ``Distributed`` when started by a multi-process launcher, else None (one process)."""
+    """The process's ``Distributed`` when started by a multi-process launcher, else None (one process). The first
+    call creates the process group (gloo / NCCL); later calls, and a group the caller created, reuse it."""
     if not launched():
         if shard:
             raise ConfigError("--shard needs several processes: add --nproc N, or launch with torchrun / accelerate launch")

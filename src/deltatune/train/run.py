@@ -160,12 +160,7 @@ def run_training(
     ``shard``); rank 0 writes every file (see ``deltatune.train.distributed``)."""
     from .distributed import setup
 
-    dist = setup(shard)
-    try:
-        return _run_training(settings, overwrite, on_step, dist)
-    finally:
-        if dist is not None:
-            dist.close()
+    return _run_training(settings, overwrite, on_step, setup(shard))
 
 
 def _run_training(

@@ -118,6 +118,32 @@ def bert():
     return tiny_bert_cls()
 
 
+def assert_rows_match_single_runs(model, x: torch.Tensor, rows: list[str], atol: float = 1e-5) -> None:
+    """Each row of a mixed-adapter batch equals that row run alone with its adapter (base rows: adapters disabled)."""
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with model.disable_adapters():
+                    single = model(input_ids=x[i : i + 1]).logits
+            else:
+                model.set_adapter(name)
+                single = model(input_ids=x[i : i + 1]).logits
+            assert (mixed[i] - single[0]).abs().max().item() <= atol, (i, name)
+
+
+def tiny_bert_model(seed: int = 0):
+    """A 2-layer random BertModel (hidden 32, vocab 100)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        max_position_embeddings=32,
+    )
+    return BertModel(config).eval()
+
+
 class MLP(torch.nn.Module):
     """A plain nn.Module with no transformers in sight."""
 

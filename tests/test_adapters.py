@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-from conftest import sst2_rows
+from conftest import assert_rows_match_single_runs, sst2_rows
 from deltatune.layers import DeltaLayer, TrainableCopies
 from deltatune.methods.adapters import BottleneckAdapter
 
@@ -272,15 +272,7 @@ def test_mixed_adapter_batch_matches_per_row_runs(bert):
                     parameter.add_(0.1 * torch.randn_like(parameter))
     x = ids(shape=(5, 7))
     rows = ["a", "b", "__base__", "b", "a"]
-    mixed = logits(model, x, adapter_names=rows)
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with model.disable_adapters():
-                single = logits(model, x[i : i + 1])
-        else:
-            model.set_adapter(name)
-            single = logits(model, x[i : i + 1])
-        assert (mixed[i] - single[0]).abs().max() <= 1e-5, (i, name)
+    assert_rows_match_single_runs(model, x, rows)
 
 
 # ---- config validation and precision ---------------------------------------------------------------------------

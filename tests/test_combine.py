@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
+from conftest import assert_rows_match_single_runs
 from deltatune.layers import DeltaLayer
 from deltatune.methods.virtual_tokens import HOST_NAME
 
@@ -178,12 +179,4 @@ def test_mixed_batch_rows_pick_lora_or_houlsby(bert):
     model.eval()
     x = ids(shape=(4, 7))
     rows = ["houlsby", "lora", "__base__", "houlsby"]
-    mixed = logits(model, x, adapter_names=rows)
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with model.disable_adapters():
-                single = logits(model, x[i : i + 1])
-        else:
-            model.set_adapter(name)
-            single = logits(model, x[i : i + 1])
-        assert (mixed[i] - single[0]).abs().max().item() <= 1e-5, (i, name)
+    assert_rows_match_single_runs(model, x, rows)

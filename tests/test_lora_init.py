@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from conftest import tiny_bert_model
 from deltatune.layers import DeltaLayer
 
 peft = pytest.importorskip("peft")
@@ -17,13 +18,7 @@ transformers = pytest.importorskip("transformers")
 TARGETS = ["query", "value", "intermediate.dense"]
 
 
-def bert(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-        max_position_embeddings=32,
-    )
-    return transformers.BertModel(config).eval()
+bert = tiny_bert_model
 
 
 def ids() -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from conftest import assert_rows_match_single_runs
 from deltatune.layers import DeltaLayer, TrainableCopies
 
 
@@ -224,16 +225,7 @@ def test_mixed_adapter_batch_equals_single_runs(llama):
     model.add_adapter("b", dt.LoraConfig(r=2, targets=["v_proj", "embed_tokens"], init="random"))
     x = ids(shape=(3, 8))
     rows = ["a", "__base__", "b"]
-    with torch.no_grad():
-        mixed = model(input_ids=x, adapter_names=rows).logits
-        for i, name in enumerate(rows):
-            if name == "__base__":
-                with model.disable_adapters():
-                    single = model(input_ids=x[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(input_ids=x[i : i + 1]).logits
-            assert torch.allclose(mixed[i : i + 1], single, atol=1e-5), name
+    assert_rows_match_single_runs(model, x, rows)
     with pytest.raises(dt.ConfigError, match="unknown adapters"):
         model(input_ids=x, adapter_names=["a", "zz", "b"])
 

@@ -171,6 +171,7 @@ class Distributed:
     # ---- state -------------------------------------------------------------------------------------------------
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full CPU copies of the trainable tensors under their single-process names (collective)."""
+        reshard(model)
         return {
             name: full_tensor(p.detach()).cpu().clone() for name, p in model.named_parameters() if p.requires_grad
         }
@@ -208,6 +209,7 @@ class Distributed:
         if not self.shard:
             yield
             return
+        reshard(model)
         wanted = {id(t) for t in saved_tensors(model)}
         swaps: list[tuple[dict, str, nn.Parameter]] = []
         full: dict[int, nn.Parameter] = {}
@@ -241,6 +243,17 @@ class Distributed:
         self.barrier()
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` in its sharded state. FSDP leaves the root group unsharded after a
+    forward without backward (evaluation), and its state-dict hooks reshard lazily; resharding first makes the
+    registered parameters the same kind (DTensor shards) on every rank before anything is gathered."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -258,20 +271,33 @@ def like(parameter: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def saved_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors a run's artifact holds: every adapter's tensors, or the trainable parameters of a baseline."""
+    """The parameters a run's artifact is computed from: every adapter's (including frozen ones, and encoders
+    whose output a prompt/prefix file stores) plus whatever trains (biases, a baseline's tensors)."""
+    tensors = [p for p in model.parameters() if p.requires_grad]
     if isinstance(model, DeltaModel):
-        from ..io import adapter_tensors
+        from ..layers import TrainableCopies
 
-        return [t for name in model.configs for t in adapter_tensors(model, name).values()]
-    return [p for p in model.parameters() if p.requires_grad]
+        for _, host in model.hosts():
+            tensors += list((host.copies if isinstance(host, TrainableCopies) else host.adapters).parameters())
+    return tensors
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 shards separately: modules whose class is in the model's ``_no_split_modules``."""
+    """The blocks FSDP2 shards separately: modules whose class is in the model's ``_no_split_modules``, except a
+    block holding the input embeddings when prompt-family adapters call them from outside that block's forward
+    (the embedding then stays in the root group, whole during the root's forward)."""
+    from ..methods.virtual_tokens import VirtualTokenHost
+
     names: set[str] = set()
     for module in model.modules():
         names |= set(getattr(module, "_no_split_modules", None) or ())
     units = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    hosts = [m for m in model.modules() if isinstance(m, VirtualTokenHost)]
+    if hosts:
+        from ..methods.virtual_tokens import input_embeddings
+
+        embedding = input_embeddings(hosts[0].root)
+        units = [u for u in units if not any(m is embedding for m in u.modules())]
     return units[::-1]  # innermost first, as fully_shard requires
 
 

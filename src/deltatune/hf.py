@@ -2,12 +2,14 @@
 checkpoints hold adapter files (PEFT layout), and the input-gradient hook that gradient checkpointing needs.
 
 ```python
-trainer = dt.hf.DeltaTrainer(model=dt.wrap(base, dt.LoraConfig(r=8)), args=TrainingArguments(...), ...)
+from deltatune.hf import DeltaTrainer
+trainer = DeltaTrainer(model=dt.wrap(base, dt.LoraConfig(r=8)), args=TrainingArguments(...), ...)
 trainer.train()                   # checkpoint-*/adapter_config.json + adapter_model.safetensors, no model.safetensors
 trainer.train(resume_from_checkpoint=True)   # adapter tensors, optimizer, scheduler and RNG come back
 ```
 Under ``torchrun`` / ``accelerate launch`` the Trainer wraps the model in DDP itself; only adapter tensors require
-grad, so only they are all-reduced, and rank 0 writes the files.
+grad, so only they are all-reduced, and rank 0 writes the files. Accelerate's FSDP plugin is refused (its state-dict
+path would hand ``_save`` sharded tensors); shard with ``deltatune train --shard`` (FSDP2) instead.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ class DeltaTrainer(Trainer):
                 f"use transformers.Trainer for other models"
             )
         super().__init__(model, *args, **kwargs)
+        if self.is_fsdp_enabled:
+            raise ConfigError(
+                "DeltaTrainer does not support accelerate's FSDP plugin (adapter files would be written from sharded "
+                "tensors); use DDP (the default under torchrun / accelerate launch) or deltatune train --shard"
+            )
         self.model_accepts_loss_kwargs = base_accepts_loss_kwargs(model)
         if self.args.gradient_checkpointing:
             enable_input_require_grads(model)

@@ -56,7 +56,8 @@ def loss_units(data: Encoded, rows: list[int], task: str) -> int:
 
 
 class InputsOn(nn.Module):
-    """Calls ``module`` with every tensor argument moved to ``device`` (evaluation on a GPU process)."""
+    """Calls ``module`` with every tensor argument moved to ``device`` and gives ``logits`` back on the CPU, where
+    ``tasks.evaluate`` keeps the labels (evaluation on a GPU process)."""
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         super().__init__()
@@ -64,7 +65,10 @@ class InputsOn(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return self.module(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+        output = self.module(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+        if isinstance(getattr(output, "logits", None), torch.Tensor):
+            output["logits"] = output["logits"].cpu()
+        return output
 
 
 class Distributed:

@@ -287,9 +287,10 @@ def saved_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 shards separately: modules whose class is in the model's ``_no_split_modules``, except a
-    block holding the input embeddings when prompt-family adapters call them from outside that block's forward
-    (the embedding then stays in the root group, whole during the root's forward)."""
+    """The blocks FSDP2 shards separately: modules whose class is in the model's ``_no_split_modules``, except
+    blocks sharing a parameter with a module outside them (tied embeddings, e.g. a masked-LM decoder) and a block
+    holding the input embeddings when prompt-family adapters call them from outside that block's forward (such
+    tensors stay in the root group, whole during the root's forward)."""
     from ..methods.virtual_tokens import VirtualTokenHost
 
     names: set[str] = set()
@@ -302,7 +303,18 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
         embedding = input_embeddings(hosts[0].root)
         units = [u for u in units if not any(m is embedding for m in u.modules())]
+    units = [u for u in units if self_contained(u, model)]
     return units[::-1]  # innermost first, as fully_shard requires
+
+
+def self_contained(unit: nn.Module, model: nn.Module) -> bool:
+    """Whether no parameter of ``unit`` is also registered on a module outside it."""
+    inside_modules = {id(m) for m in unit.modules()}
+    inside_params = {id(p) for p in unit.parameters()}
+    for module in model.modules():
+        if id(module) not in inside_modules and any(id(p) in inside_params for p in module._parameters.values() if p is not None):
+            return False
+    return True
 
 
 def setup(shard: bool = False) -> Distributed | None:

@@ -82,9 +82,7 @@ def closest_names(name: str, paths: list[str]) -> list[str]:
     return difflib.get_close_matches(name, sorted(candidates), n=5, cutoff=0.5)
 
 
-def _select(
-    paths: dict[str, nn.Module], spec: list[str] | str, model: nn.Module, what: str, is_supported: Callable[[nn.Module], bool]
-) -> set[str]:
+def _select(paths: dict[str, nn.Module], spec: list[str] | str, model: nn.Module, what: str) -> set[str]:
     """Paths matched by ``spec``; a list entry or regex that matches nothing is an error with suggestions."""
     if isinstance(spec, str):
         if spec == "all-linear":
@@ -126,7 +124,7 @@ def resolve_targets(
     """Sorted module paths selected by a config; errors name the bad entry and the closest real names."""
     paths = dict(base_modules(model))
     spec = default_targets(model) if targets is None else targets
-    chosen = _select(paths, spec, model, "target", is_supported)
+    chosen = _select(paths, spec, model, "target")
     if isinstance(spec, list):
         # a name that matched only unsupported modules (e.g. a whole attention block) is a mistake
         for name in spec:
@@ -143,7 +141,7 @@ def resolve_targets(
         raise TargetError(f"targets {spec!r} only match {', '.join(kinds)} modules; supported: {SUPPORTED_TYPES}")
     chosen -= set(unsupported)
     if exclude:
-        chosen -= _select(paths, exclude, model, "exclude", is_supported)
+        chosen -= _select(paths, exclude, model, "exclude")
     if layers is not None:
         indices = {p: layer_index(p, layers_pattern) for p in chosen}
         present = {i for p, i in ((p, layer_index(p, layers_pattern)) for p in paths) if i is not None}
@@ -167,7 +165,7 @@ def resolve_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     # lenient per entry (PEFT writes alternatives such as ["classifier", "score"]), strict when nothing matches
     found = {p for p in paths if any(name_matches(p, name) for name in names)}
     if not found:
-        _select(paths, list(names), model, "modules_to_save", lambda m: True)
+        _select(paths, list(names), model, "modules_to_save")
     # keep outermost matches only
     return sorted(p for p in found if not any(p.startswith(q + ".") for q in found if q != p))
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import deltatune as dt
 from conftest import tiny_bert_cls, tiny_llama
 from deltatune.methods.virtual_tokens import HOST_NAME
-from virtual_tokens_helpers import MODELS, batch, make_pair, module
+from virtual_tokens_helpers import MODELS, assert_generate_equals_greedy_and_peft, batch, make_pair, module
 
 peft = pytest.importorskip("peft")
 
@@ -105,18 +105,7 @@ def test_padded_rows_equal_unpadded_runs(arch: str, side: str) -> None:
 def test_generate_equals_greedy_without_cache_and_peft(arch: str) -> None:
     make, task = MODELS[arch]
     ours, theirs = pair(make(), "mlp", task)
-    ids = torch.randint(0, 128, (2, 5))
-    mask = torch.ones_like(ids)
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    with torch.no_grad():
-        generated = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        peft_generated = theirs.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        seq = ids
-        for _ in range(6):
-            logits = ours(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(generated, seq)
-    assert torch.equal(generated, peft_generated)
+    assert_generate_equals_greedy_and_peft(ours, theirs)
 
 
 def test_left_padded_generate_matches_unpadded_rows() -> None:

@@ -38,3 +38,19 @@ def batch(vocab: int = 128) -> dict[str, torch.Tensor]:
     mask[1, 5:] = 0
     mask[2, 3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def assert_generate_equals_greedy_and_peft(ours: dt.DeltaModel, theirs: torch.nn.Module, steps: int = 6) -> None:
+    """``generate()`` (KV cache) equals step-by-step greedy decoding without a cache, and PEFT's ``generate()``."""
+    ids = torch.randint(0, 128, (2, 5))
+    mask = torch.ones_like(ids)
+    kwargs = {"max_new_tokens": steps, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        generated = ours.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        peft_generated = theirs.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        seq = ids
+        for _ in range(steps):
+            logits = ours(input_ids=seq, attention_mask=torch.ones_like(seq), use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, seq)
+    assert torch.equal(generated, peft_generated)

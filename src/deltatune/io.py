@@ -81,7 +81,9 @@ def config_dict(model: DeltaModel, name: str) -> dict[str, Any]:
 
 # ---- saving ------------------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Any) -> Path:
-    """Write to a temp file next to ``path`` via ``write(tmp_path)``; return the temp path (renamed by caller)."""
+    """Write to a temp file next to ``path`` via ``write(tmp_path)`` and fsync it; return the temp path (the
+    caller renames it, so several files can be fully written before any replaces an old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -92,6 +94,11 @@ def _atomic_write(path: Path, write: Any) -> Path:
         os.unlink(tmp)
         raise
     return Path(tmp)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` for a temp file next to ``path``, fsync it, then rename it over ``path``."""
+    os.replace(_atomic_write(path, write), path)
 
 
 def save_adapter(model: DeltaModel, directory: str | os.PathLike, name: str) -> None:

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +17,13 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError
-from ..io import CONFIG_NAME, WEIGHTS_NAME
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from ..io import load as load_adapter
 from ..model import DeltaModel
 
 BASELINE_CONFIG = "baseline.json"
 BASELINE_WEIGHTS = "baseline.safetensors"
 CHECKPOINT = "checkpoint.pt"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` for a temp file next to ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

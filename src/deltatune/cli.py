@@ -56,7 +56,7 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, help="learning rate (default per method: full 5e-5, last-layers 1e-4, head 2e-3, adapters 3e-3 unless the method sets default_lr)")
+    g.add_argument("--lr", type=float, help="learning rate (default per method: full 5e-5, last-layers 1e-4, head 3e-2, adapters 3e-3 unless the method sets default_lr)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--optimizer", default="adamw", help="any torch.optim class name (adamw)")
     g.add_argument("--optimizer-args", default="{}", help="JSON of extra optimizer arguments")

@@ -1,7 +1,12 @@
 """Methods as the trainer sees them: the baselines (full, head, last-layers) plus every config class registered in
 ``deltatune.methods.METHODS``, whose dataclass fields become command-line options (``--r 8 --targets query,value``)
 converted from text by the field's type hint. Nothing here is method-specific, so newly registered methods appear
-automatically."""
+automatically.
+
+Stacks: ``lora+prefix`` trains one adapter per part (named after the part) on one model, all active together. An
+unprefixed option (``--r 8``) goes to every part that has that field, ``--set PART.FIELD=VALUE`` to one part only
+(it wins over the unprefixed form); ``modules_to_save`` goes to the first part that has it, so the head is trained
+once. A config file for a stack maps part names to their options (``{"lora": {"r": 8}, "prefix": {...}}``)."""
 
 from __future__ import annotations
 
@@ -18,11 +23,13 @@ from ..errors import ConfigError
 from ..methods import METHODS
 
 BASELINES = ("full", "head", "last-layers")
-BASELINE_LR = {"full": 5e-5, "last-layers": 1e-4, "head": 2e-3}
+BASELINE_LR = {"full": 5e-5, "last-layers": 1e-4, "head": 3e-2}
 PEFT_LR = 3e-3
 # fields every config has that the trainer fills in itself
 HIDDEN_FIELDS = {"extra", "base_model_name_or_path", "task_type", "inference_mode"}
 _REGEX_CHARS = set("*+?()[]^$|\\{}")
+STACK_SEP = "+"
+HEAD_FIELDS = {"modules_to_save"}  # unprefixed: first part only, so the head is trained once
 
 
 def all_methods() -> list[str]:
@@ -37,7 +44,32 @@ def check_method(name: str) -> str:
     raise ConfigError(f"unknown method '{name}'{hint}; choose from {', '.join(all_methods())}")
 
 
+def method_parts(method: str) -> list[str]:
+    """The registered methods of ``method``: ``lora+prefix`` -> ``[lora, prefix]``; a single method -> ``[method]``.
+    Baselines cannot be stacked and no part may repeat."""
+    if STACK_SEP not in method:
+        return [check_method(method)]
+    parts = [part.strip() for part in method.split(STACK_SEP)]
+    if not all(parts):
+        raise ConfigError(f"method '{method}' has an empty part; write the parts joined by '+', e.g. lora+prefix")
+    for part in parts:
+        check_method(part)
+    baselines = [part for part in parts if part in BASELINES]
+    if baselines:
+        raise ConfigError(
+            f"'{baselines[0]}' is a baseline and cannot be stacked in '{method}'; stack adapter methods only "
+            f"({', '.join(METHODS)})"
+        )
+    repeated = sorted({part for part in parts if parts.count(part) > 1})
+    if repeated:
+        raise ConfigError(f"method '{method}' lists {', '.join(repeated)} twice; each part is one adapter, named after its method")
+    return parts
+
+
 def default_lr(method: str) -> float:
+    """The method's default learning rate; for a stack the smallest of its parts'."""
+    if STACK_SEP in method:
+        return min(default_lr(part) for part in method_parts(method))
     if method in BASELINE_LR:
         return BASELINE_LR[method]
     return float(getattr(METHODS[method], "default_lr", PEFT_LR))
@@ -169,12 +201,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def method_from_file(data: dict[str, Any]) -> str | None:
-    """The method a config file names (``method: lora``, or a PEFT ``peft_type``)."""
+    """The method a config file names (``method: lora``, a PEFT ``peft_type``, or, for a stack, its part
+    sections in order: ``{"lora": {...}, "prefix": {...}}`` -> ``lora+prefix``)."""
     if "method" in data:
         return str(data["method"])
     if "peft_type" in data:
         return type(config_from_peft_dict(data)).method or None
-    return None
+    sections = [k for k, v in data.items() if k in METHODS and isinstance(v, dict)]
+    return STACK_SEP.join(sections) or None
 
 
 # ---- building a config -------------------------------------------------------------------------------------------
@@ -222,3 +256,74 @@ def build_config(
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid options for method '{method}': {error}") from error
+
+
+# ---- stacks: one config per part ---------------------------------------------------------------------------------
+def _takers(name: str, parts: list[str]) -> list[str]:
+    """The parts an unprefixed option goes to: every part with that field (``modules_to_save``: the first)."""
+    takers = [p for p in parts if name in method_fields(METHODS[p])]
+    return takers[:1] if name in HEAD_FIELDS else takers
+
+
+def option_applies(key: str, parts: list[str]) -> bool:
+    """Whether option ``key`` (``r`` or ``lora.r``) sets a field of some part of ``parts``."""
+    part, dot, name = key.rpartition(".")
+    if dot:
+        return part in parts and name in method_fields(METHODS[part])
+    return bool(_takers(key, parts))
+
+
+def split_options(method: str, parts: list[str], values: dict[str, Any], strict: bool, source: str) -> dict[str, dict[str, Any]]:
+    """``values`` (``r`` / ``lora.r`` keys) -> options per part; unprefixed ones first, so ``PART.FIELD`` wins."""
+    per: dict[str, dict[str, Any]] = {part: {} for part in parts}
+    for key, value in sorted(values.items(), key=lambda item: "." in item[0]):
+        part, dot, name = key.rpartition(".")
+        if dot:
+            if part not in per:
+                raise ConfigError(f"{source} '{key}': '{part}' is not a part of '{method}' (parts: {', '.join(parts)})")
+            per[part][name] = value  # build_config checks that the part has the field
+            continue
+        takers = parts if len(parts) == 1 else _takers(key, parts)
+        if not takers and strict:
+            raise ConfigError(
+                f"{source} '{key}' applies to none of the parts {', '.join(parts)} of '{method}'; set a part's field "
+                f"with --set PART.FIELD=VALUE"
+            )
+        for taker in takers:
+            per[taker][key] = value
+    return per
+
+
+def split_file(method: str, parts: list[str], data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Config-file values per part: a section per part name (``lora: {r: 8}``); other keys are spread like
+    unprefixed options. A single method's file may also be flat (its fields, or a PEFT adapter_config.json)."""
+    data = {k: v for k, v in data.items() if k != "method"}
+    sections = {k: v for k, v in data.items() if k in parts and isinstance(v, dict)}
+    if len(parts) == 1 and not sections:
+        return {parts[0]: data}
+    if "peft_type" in data:
+        raise ConfigError(f"a config file for '{method}' maps each part to its options (or to a PEFT adapter config): "
+                          f"{{{', '.join(repr(p) + ': {...}' for p in parts)}}}")
+    rest = {k.replace("-", "_"): v for k, v in data.items() if k not in sections}
+    per = split_options(method, parts, rest, True, "config file key")
+    for part, values in sections.items():
+        per[part].update(values)
+    return per
+
+
+def build_configs(
+    method: str,
+    options: dict[str, str] | None = None,
+    file_values: dict[str, Any] | None = None,
+    strict: bool = True,
+) -> list[tuple[str, DeltaConfig]]:
+    """(adapter name, config) per part of ``method``: ``[("default", config)]`` for a single method, one adapter
+    named after each part for a stack (``[("lora", ...), ("prefix", ...)]``)."""
+    parts = method_parts(method)
+    if parts[0] in BASELINES:
+        raise ConfigError(f"'{method}' is a baseline, not an adapter method; it has no adapter config")
+    per_option = split_options(method, parts, dict(options or {}), strict, "option")
+    per_file = split_file(method, parts, dict(file_values or {}))
+    if len(parts) == 1:
+        return [("default", build_config(parts[0], per_option[parts[0]], per_file[parts[0]], strict))]
+    return [(part, build_config(part, per_option[part], per_file[part], True)) for part in parts]

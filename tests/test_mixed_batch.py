@@ -166,3 +166,92 @@ def test_active_dropout_falls_back_and_bad_row_counts_are_refused():
     model.eval()
     with pytest.raises(ValueError, match="adapter_names has 3 entries but the batch has 2 rows"):
         model(input_ids=ids((2, 4)), adapter_names=["a", BASE, "a"])
+
+
+# ---- prompt / prefix adapters (per-row virtual tokens, serve/virtual.py) -----------------------------------------
+def virtual_family(factory, lora_targets):
+    """Prefix tuning (P=3), P-tuning v2 (P=5), prompt tuning (V=4), P-tuning (V=2) and a LoRA on one model."""
+    model = dt.wrap(factory(), dt.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16), name="prefix")
+    model.add_adapter("v2", dt.PTuningV2Config(num_virtual_tokens=5))
+    model.add_adapter("prompt", dt.PromptTuningConfig(num_virtual_tokens=4))
+    model.add_adapter("ptuning", dt.PTuningConfig(num_virtual_tokens=2))
+    model.add_adapter("lora", dt.LoraConfig(r=2, targets=lora_targets, init="random"))
+    return model.eval()
+
+
+def assert_tail_rows_match(model, x, rows, **kwargs):
+    """Row i of the mixed batch ends with exactly the outputs of row i run alone (virtual positions included)."""
+    with torch.no_grad():
+        out = model(input_ids=x, adapter_names=rows, **kwargs).logits
+        for i, name in enumerate(rows):
+            alone = single(model, x[i : i + 1], name, **{k: v[i : i + 1] for k, v in kwargs.items()})
+            if out.dim() == 2:  # sequence classification: one vector per row
+                assert (out[i] - alone[0]).abs().max().item() <= 1e-5, (i, name)
+                continue
+            n = alone.shape[1]
+            assert n >= x.shape[1] and (out[i, -n:] - alone[0]).abs().max().item() <= 1e-5, (i, name)
+    return out
+
+
+@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
+def test_decoder_prompt_and_prefix_rows_match_single_rows(factory, targets):
+    model = virtual_family(factory, targets)
+    rows = ["prefix", "v2", BASE, "lora", "prompt", "ptuning", "prefix", "prompt"]
+    x = ids((len(rows), 6), seed=5)
+    out = assert_tail_rows_match(model, x, rows)
+    assert out.shape[1] == 6 + 4  # the widest input virtual-token count leads every row
+    mask = torch.ones_like(x)
+    mask[2, :2] = 0  # left padding in one row
+    with torch.no_grad():
+        padded = model(input_ids=x, attention_mask=mask, adapter_names=rows).logits
+    assert (padded[[0, 1, 3, 4, 5, 6, 7]] - out[[0, 1, 3, 4, 5, 6, 7]]).abs().max() <= 1e-5
+    with torch.no_grad():
+        model.set_adapter("prefix")
+        differs = (model(input_ids=x[:1]).logits - single(model, x[:1], BASE)).abs().max()
+    assert differs > 1e-3  # the prefix matters
+
+
+def test_generate_with_prompt_prefix_and_lora_rows():
+    model = virtual_family(tiny_llama, ["q_proj", "v_proj"])
+    rows = ["prefix", "prompt", BASE, "lora", "v2", "ptuning"]
+    x = ids((len(rows), 5), seed=6)
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        together = model.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=rows, **settings)
+        for i, name in enumerate(rows):
+            if name == BASE:
+                with model.disable_adapters():
+                    alone = model.generate(input_ids=x[i : i + 1], **settings)
+            else:
+                model.set_adapter(name)
+                alone = model.generate(input_ids=x[i : i + 1], **settings)
+            n = alone.shape[1]
+            assert torch.equal(together[i, :n], alone[0]) and (together[i, n:] == 0).all(), name
+
+
+def test_encoder_prefix_rows_and_equal_prompt_rows_match_single_rows():
+    model = virtual_family(tiny_bert_cls, ["query"])
+    model.add_adapter("prompt4b", dt.PromptTuningConfig(num_virtual_tokens=4))
+    x = ids((6, 7), seed=7)
+    assert_tail_rows_match(model, x, ["prefix", "v2", BASE, "lora", "prefix", "v2"])
+    assert_tail_rows_match(model, x[:3], ["prompt", "prompt4b", "prompt"])  # equal V: no padding
+    types = torch.zeros_like(x)
+    assert_tail_rows_match(model, x[:2], ["prompt4b", "prompt"], token_type_ids=types[:2])
+    with pytest.raises(dt.ConfigError, match="different numbers of input virtual tokens.*Group the batch"):
+        model(input_ids=x[:3], adapter_names=["prompt", "ptuning", BASE])
+
+
+def test_gradients_reach_each_rows_virtual_tokens():
+    model = virtual_family(tiny_llama, ["q_proj"])
+    model.set_adapter(["prefix", "prompt"])
+    x, rows = ids((3, 5), seed=8), ["prefix", "prompt", "prefix"]
+    model(input_ids=x, adapter_names=rows).logits[:, -5:].square().sum().backward()
+    mixed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for i, name in enumerate(rows):
+        model.set_adapter(name)
+        model(input_ids=x[i : i + 1]).logits[:, -5:].square().sum().backward()
+    assert len(mixed_grads) >= 4
+    for n, p in model.named_parameters():
+        if n in mixed_grads:
+            assert torch.allclose(mixed_grads[n], p.grad, atol=1e-4, rtol=1e-4), n

@@ -2,7 +2,7 @@
 
 Method options are generated from the dataclass fields of every config class in ``deltatune.methods.METHODS``
 (``--r``, ``--alpha``, ``--targets`` ...); a field whose flag would clash with a trainer flag is set with
-``--set FIELD=VALUE``. Errors print one line and exit with 2 (1 for a failed run, 130 when interrupted);
+``--set FIELD=VALUE``. Methods stack with '+' (``--method lora+prefix``, see ``STACK_HELP``). Errors print one line and exit with 2 (1 for a failed run, 130 when interrupted);
 ``--debug`` shows the traceback instead.
 """
 
@@ -20,6 +20,16 @@ from .errors import ConfigError, DeltatuneError
 
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
                "prompt": "--prompt-field", "completion": "--completion-field"}
+
+
+STACK_HELP = (
+    "Stacks: --method A+B[+C] (e.g. lora+prefix) trains one adapter per part, named after it, all active together; "
+    "baselines cannot be stacked. An unprefixed option (--r 8) goes to every part that has that field (--modules-to-save "
+    "to the first part only: the head is trained once); --set PART.FIELD=VALUE sets one part (e.g. --set lora.r=16 "
+    "--set prefix.num_virtual_tokens=10) and wins over the unprefixed form. A --config file for a stack maps part "
+    "names to their options: {\"lora\": {\"r\": 8}, \"prefix\": {\"num_virtual_tokens\": 10}}. The run folder holds "
+    "one PEFT-layout folder per part plus stack.json."
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,8 +60,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), or 'minilm' (bundled, default)")
     g.add_argument("--k", type=int, default=2, help="last-layers: number of final blocks to train (2)")
-    g.add_argument("--config", help="YAML/JSON file of method options (field names, or a PEFT adapter_config.json)")
-    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any method config field")
+    g.add_argument("--config", help="YAML/JSON file of method options (field names, or a PEFT adapter_config.json; "
+                   "for a stack: part name -> options)")
+    g.add_argument("--set", action="append", default=[], metavar="[PART.]FIELD=VALUE",
+                   help="any method config field; PART. limits it to one part of a stack (--set lora.r=16)")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32)
@@ -97,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     methods = ", ".join(all_methods())
 
-    train = sub.add_parser("train", help="train one method; writes a run folder", description=f"methods: {methods}")
-    train.add_argument("--method", help=f"one of: {methods} (default lora)")
+    train = sub.add_parser("train", help="train one method; writes a run folder",
+                           description=f"methods: {methods}. {STACK_HELP}")
+    train.add_argument("--method", help=f"one of: {methods} (default lora), or adapter methods stacked with '+' "
+                       f"(lora+prefix)")
     train.add_argument("--out", default="runs/run", help="run folder (runs/run)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a run")
@@ -113,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(train)
 
     compare = sub.add_parser("compare", help="train several methods with the same budget; print a table",
-                             description=f"methods: {methods}")
-    compare.add_argument("--methods", default="full,head,last-layers,lora", help="comma list (full,head,last-layers,lora)")
+                             description=f"methods: {methods}. {STACK_HELP}")
+    compare.add_argument("--methods", default="full,head,last-layers,lora",
+                         help="comma list, stacks allowed (full,head,last-layers,lora; e.g. lora,lora+prefix)")
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and the report (runs/compare)")
     add_data(compare)
     add_training(compare)
@@ -165,7 +180,8 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        options[name.strip().replace("-", "_")] = value
+        part, dot, field = name.strip().rpartition(".")
+        options[part + dot + field.replace("-", "_")] = value  # PART.FIELD: one part of a stack
     if not args.data:
         raise ConfigError("--data is required: a folder with train/dev/test files, or a Hugging Face dataset name")
     file_values: dict[str, Any] = {}
@@ -262,8 +278,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .train.inference import run_merge
 
-    out = run_merge(args)
-    print(f"merged model written to {out} (loads with transformers' from_pretrained, no deltatune needed)")
+    out, kept = run_merge(args)
+    if not kept:
+        print(f"merged model written to {out} (loads with transformers' from_pretrained, no deltatune needed)")
+        return 0
+    print(f"merged model written to {out}; adapters {', '.join(kept)} cannot be merged and stay adapters in "
+          f"{', '.join(str(out / k) for k in kept)}: from_pretrained({str(out)!r}) alone lacks them; "
+          f"'deltatune eval --adapter {out}' or dt.load(model, '{out / kept[0]}', name='{kept[0]}') applies them")
     return 0
 
 

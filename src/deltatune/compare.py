@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DeltatuneError
-from .methods import METHODS
 from .report import format_table, plot_compare, report_markdown
 from .train.artifacts import CHECKPOINT, atomic_write
-from .train.options import BASELINES, build_config, check_method, method_fields
+from .train.options import BASELINES, build_configs, method_parts, option_applies
 from .train.run import read_run
 from .train.settings import RunSettings
 
@@ -25,16 +24,13 @@ class CompareError(DeltatuneError, RuntimeError):
 
 
 def method_settings(base: RunSettings, methods: list[str], out: Path) -> dict[str, RunSettings]:
-    """Per-method settings: options go to the methods that have them (each option must fit at least one)."""
-    for method in methods:
-        check_method(method)
+    """Per-method settings: options go to the methods (or stacks, ``lora+prefix``) that have them, ``PART.FIELD``
+    options to the entries holding that part; each option must fit at least one entry."""
+    parts = {method: method_parts(method) for method in methods}
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {','.join(methods)}")
     peft = [m for m in methods if m not in BASELINES]
-    used: set[str] = set()
-    for method in peft:
-        fields = method_fields(METHODS[method])
-        used |= {name for name in base.method_options if name in fields}
+    used = {key for m in peft for key in base.method_options if option_applies(key, parts[m])}
     unused = sorted(set(base.method_options) - used)
     if unused:
         raise ConfigError(
@@ -45,9 +41,8 @@ def method_settings(base: RunSettings, methods: list[str], out: Path) -> dict[st
     for method in methods:
         options: dict[str, str] = {}
         if method in peft:
-            fields = method_fields(METHODS[method])
-            options = {k: v for k, v in base.method_options.items() if k in fields}
-            build_config(method, options, base.config_values if method == base.method else None)  # fail early
+            options = {k: v for k, v in base.method_options.items() if option_applies(k, parts[method])}
+            build_configs(method, options, base.config_values if method == base.method else None)  # fail early
         plans[method] = dataclasses.replace(
             base, method=method, method_options=options, out=str(out / method),
             config_values=base.config_values if method == base.method else {}, resume=False,

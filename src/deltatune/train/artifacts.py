@@ -1,6 +1,8 @@
 """What a run leaves behind and how it is read back.
 
 - adapter methods: the PEFT-layout adapter (``adapter_config.json`` + ``adapter_model.safetensors``, see ``io``);
+- stacked methods (``lora+prefix``): one PEFT-layout folder per part (``lora/``, ``prefix/``; each loads on its own
+  with ``dt.load``) plus ``stack.json`` naming the parts in order (and task, labels, base model);
 - baselines: ``baseline.json`` + ``baseline.safetensors`` holding the trained tensors under the base model's own
   state-dict keys (all of them for ``full``);
 - ``checkpoint.pt``: trainable tensors, optimizer, scheduler, RNG and data position for ``--resume``; written to a
@@ -21,6 +23,7 @@ from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from ..io import load as load_adapter
 from ..model import DeltaModel
 
+STACK_CONFIG = "stack.json"
 BASELINE_CONFIG = "baseline.json"
 BASELINE_WEIGHTS = "baseline.safetensors"
 CHECKPOINT = "checkpoint.pt"
@@ -40,43 +43,99 @@ def restore_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 # ---- final artifacts ---------------------------------------------------------------------------------------------
 def save_trained(model: nn.Module, directory: Path, method: str, info: dict[str, Any]) -> None:
-    """Write the trained weights of a run: the adapter (PEFT layout) or the baseline's trained tensors."""
+    """Write the trained weights of a run: the adapter (PEFT layout), a stack's adapters (one folder each, then
+    ``stack.json``) or the baseline's trained tensors."""
     if isinstance(model, DeltaModel):
-        model.save(str(directory))
+        names = list(model.configs)
+        if names == ["default"]:
+            model.save(str(directory))
+            (directory / STACK_CONFIG).unlink(missing_ok=True)
+            return
+        for name in names:
+            model.save(str(directory / name), adapter=name)
+        _write_json(directory / STACK_CONFIG, {"method": method, "adapters": names, **info})
         return
     from safetensors.torch import save_file
 
     tensors = {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
     atomic_write(directory / BASELINE_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps({"method": method, **info, "tensors": len(tensors)}, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / BASELINE_CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    _write_json(directory / BASELINE_CONFIG, {"method": method, **info, "tensors": len(tensors)})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def read_stack(directory: Path) -> dict[str, Any]:
+    """``stack.json``: ``adapters`` (part folders in activation order), ``method``, ``task``, ``labels``,
+    ``base_model`` (absent in a merged folder, whose base model is the folder itself)."""
+    path = directory / STACK_CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"{path} could not be read ({error}); train or merge the run again") from error
+    names = data.get("adapters") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise AdapterFileError(f"{path} has no 'adapters' list naming the adapter folders")
+    missing = [n for n in names if not (directory / n / CONFIG_NAME).is_file()]
+    if missing:
+        raise AdapterFileError(f"{directory} lacks the adapter folders {missing} that {STACK_CONFIG} lists")
+    return data
 
 
 def artifact_kind(directory: Path) -> str:
+    if (directory / STACK_CONFIG).is_file():
+        return "stack"
     if (directory / CONFIG_NAME).is_file():
         return "adapter"
     if (directory / BASELINE_CONFIG).is_file():
         return "baseline"
     raise AdapterFileError(
-        f"{directory} holds neither an adapter ({CONFIG_NAME}) nor baseline weights ({BASELINE_CONFIG}); "
-        f"point at a run folder written by 'deltatune train' or an adapter folder"
+        f"{directory} holds neither an adapter ({CONFIG_NAME}), a stack of adapters ({STACK_CONFIG}) nor baseline "
+        f"weights ({BASELINE_CONFIG}); point at a run folder written by 'deltatune train' or an adapter folder"
     )
 
 
 def artifact_files(directory: Path) -> list[Path]:
-    names = (CONFIG_NAME, WEIGHTS_NAME) if artifact_kind(directory) == "adapter" else (BASELINE_CONFIG, BASELINE_WEIGHTS)
+    kind = artifact_kind(directory)
+    if kind == "stack":
+        parts = [directory / n / f for n in read_stack(directory)["adapters"] for f in (CONFIG_NAME, WEIGHTS_NAME)]
+        return [directory / STACK_CONFIG, *(p for p in parts if p.is_file())]
+    names = (CONFIG_NAME, WEIGHTS_NAME) if kind == "adapter" else (BASELINE_CONFIG, BASELINE_WEIGHTS)
     return [directory / n for n in names if (directory / n).is_file()]
 
 
 def artifact_size(directory: Path) -> int:
-    """Bytes on disk of the trained weights (+ their config file)."""
+    """Bytes on disk of the trained weights (+ their config files)."""
     return sum(p.stat().st_size for p in artifact_files(directory))
 
 
+def load_stack(model: nn.Module, directory: Path) -> DeltaModel:
+    """Load every part of a stack folder (each its own adapter, named after its folder) and activate them all in
+    the recorded order; on error the model is left as it was."""
+    names = read_stack(directory)["adapters"]
+    loaded: DeltaModel | None = None
+    try:
+        for name in names:
+            loaded = load_adapter(loaded if loaded is not None else model, str(directory / name), name=name)
+    except BaseException:
+        if loaded is not None:
+            loaded.unload(keep=[])
+            loaded.restore_requires_grad()
+        raise
+    assert loaded is not None
+    loaded.set_adapter(names)
+    return loaded
+
+
 def load_trained(model: nn.Module, directory: Path) -> nn.Module:
-    """Apply a run's weights to a freshly loaded base model: an adapter gives a ``DeltaModel``, a baseline
-    overwrites the base's tensors in place (every key must exist with the same shape)."""
-    if artifact_kind(directory) == "adapter":
+    """Apply a run's weights to a freshly loaded base model: an adapter (or a stack of them) gives a
+    ``DeltaModel``, a baseline overwrites the base's tensors in place (every key must exist with the same shape)."""
+    kind = artifact_kind(directory)
+    if kind == "stack":
+        return load_stack(model, directory)
+    if kind == "adapter":
         return load_adapter(model, str(directory))
     from safetensors.torch import load_file
 

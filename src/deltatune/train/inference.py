@@ -8,10 +8,18 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import AdapterFileError, ConfigError
-from ..io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..errors import AdapterFileError, ConfigError, MergeError
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_config, save_adapter
 from ..model import DeltaModel
-from .artifacts import BASELINE_CONFIG, BASELINE_WEIGHTS, artifact_kind, artifact_size, load_trained
+from .artifacts import (
+    BASELINE_CONFIG,
+    BASELINE_WEIGHTS,
+    STACK_CONFIG,
+    artifact_kind,
+    artifact_size,
+    load_trained,
+    read_stack,
+)
 from .models import load_model, load_tokenizer, quiet_transformers, resolve_model
 from .run import prepare_data, read_run
 from .settings import RunSettings
@@ -48,6 +56,10 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
     elif kind == "baseline":
         data = json.loads((directory / BASELINE_CONFIG).read_text(encoding="utf-8"))
         info.update(task=data.get("task"), labels=data.get("labels"), model=data.get("base_model"))
+    elif kind == "stack":  # a merged folder's stack.json has no base_model: the folder is the base model
+        data = read_stack(directory)
+        info.update(task=data.get("task"), labels=data.get("labels"), model=data.get("base_model") or str(directory),
+                    method=data.get("method"))
     else:
         config = read_config(directory)
         info["task"] = TASK_TYPES.get(config.task_type or "")
@@ -118,24 +130,50 @@ def run_eval(args: Any) -> dict[str, Any]:
     return results
 
 
-def run_merge(args: Any) -> Path:
-    """Merge the adapter into the base weights and write a plain HF model folder (+ tokenizer)."""
+def run_merge(args: Any) -> tuple[Path, list[str]]:
+    """Merge the adapter(s) into the base weights and write a plain HF model folder (+ tokenizer); returns the
+    folder and the adapters that could not be merged.
+
+    For a stack, the mergeable parts (LoRA family) are merged; the others (prefix, prompt, bottleneck adapters)
+    cannot be, so each is written to ``<out>/<name>/`` (PEFT layout, loads onto the merged model with ``dt.load``)
+    with a ``stack.json`` listing them: ``deltatune eval --adapter <out>`` then runs the merged model with them.
+    A stack with no mergeable part, like a single unmergeable method, is refused."""
     adapter = Path(args.adapter)
     model, tokenizer, task, labels = load_for_inference(args.model, adapter, args.task, None)
-    plain = model.merge_and_unload() if isinstance(model, DeltaModel) else model
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    (out / STACK_CONFIG).unlink(missing_ok=True)  # an overwritten folder is a stack only if this merge says so
+    kept: list[str] = []
+    if not isinstance(model, DeltaModel):
+        plain = model
+    elif len(model.active_adapters) == 1:
+        plain = model.merge_and_unload()
+    else:
+        names = model.active_adapters
+        kept = [n for n in names if not getattr(model.configs[n], "mergeable", False)]
+        merged = [n for n in names if n not in kept]
+        if not merged:
+            raise MergeError(f"none of the adapters {', '.join(names)} in {adapter} can be merged into the weights "
+                             f"(they are not weight updates); use the run folder with its base model as it is")
+        model.merge(merged)
+        for name in kept:
+            save_adapter(model, out / name, name)
+        plain = model.unload(keep=names)
+        info = {"adapters": kept, "merged": merged, "method": "+".join(names), "task": task, "labels": labels}
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    return out
+    if kept:
+        text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+        (out / STACK_CONFIG).write_text(text, encoding="utf-8")  # last: the folder is a stack once complete
+    return out, kept
 
 
-def inspect_text(directory: Path) -> str:
-    """A readable summary of an adapter / run folder: config, tensors, parameter counts, sizes, results."""
+def _adapter_lines(directory: Path, indent: str = "") -> tuple[list[str], int]:
+    """Config and tensor lines of one adapter / baseline folder, and its parameter count."""
     kind = artifact_kind(directory)
-    lines = [f"{directory} ({'PEFT-layout adapter' if kind == 'adapter' else 'baseline weights'})"]
+    lines: list[str] = []
     if kind == "adapter":
         config_text = (directory / CONFIG_NAME).read_text(encoding="utf-8")
         config = read_config(directory)
@@ -155,6 +193,26 @@ def inspect_text(directory: Path) -> str:
         total += numel
         lines.append(f"  {key}  {list(shape)}  {dtype}  {numel:,}")
     lines.append(f"parameters: {total:,}")
+    return [indent + line for line in lines], total
+
+
+def inspect_text(directory: Path) -> str:
+    """A readable summary of an adapter / stack / run folder: config, tensors, parameter counts, sizes, results."""
+    kind = artifact_kind(directory)
+    if kind == "stack":
+        stack = read_stack(directory)
+        names = stack["adapters"]
+        merged = f"; merged into the base: {', '.join(stack['merged'])}" if stack.get("merged") else ""
+        lines = [f"{directory} (stack of {len(names)} PEFT-layout adapters, active together: {', '.join(names)}{merged})"]
+        total = 0
+        for name in names:
+            part_lines, count = _adapter_lines(directory / name, "  ")
+            lines += [f"adapter '{name}' ({directory / name}):", *part_lines]
+            total += count
+        lines.append(f"parameters (all adapters): {total:,}")
+    else:
+        lines = [f"{directory} ({'PEFT-layout adapter' if kind == 'adapter' else 'baseline weights'})"]
+        lines += _adapter_lines(directory)[0]
     lines.append(f"size on disk: {artifact_size(directory):,} bytes")
     run = read_run(directory)
     if run and run.get("results"):

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import ConfigError, DeltatuneError
+from ..layers import TrainableCopies
 from ..model import DeltaModel, wrap
 from ..targets import layer_index
 
@@ -147,21 +148,42 @@ def set_trainable(model: nn.Module, method: str, heads: list[str], k: int = 2) -
 
 
 def prepare_method(
-    model: nn.Module, method: str, config: DeltaConfig | None, heads: list[str], task: str, k: int = 2
+    model: nn.Module,
+    method: str,
+    config: DeltaConfig | list[tuple[str, DeltaConfig]] | None,
+    heads: list[str],
+    task: str,
+    k: int = 2,
 ) -> nn.Module:
-    """The module to train: the base itself for baselines, a ``DeltaModel`` for adapter methods (with the
-    classification head in ``modules_to_save`` unless the config names its own)."""
+    """The module to train: the base itself for baselines, a ``DeltaModel`` for adapter methods.
+
+    ``config`` may be a list of (adapter name, config) for a stack: every adapter is added and all are active
+    together, in that order. The classification head goes into ``modules_to_save`` of the first adapter (unless
+    some adapter names its own), so it is trained exactly once.
+    """
     if config is None:
         set_trainable(model, method, heads, k)
         return model
-    if task == "classification" and config.modules_to_save is None:
-        config = config.replace(modules_to_save=list(heads))
+    configs = [("default", config)] if isinstance(config, DeltaConfig) else list(config)
+    claims_head = any(c.modules_to_save is not None or getattr(c, "train_head", False) for _, c in configs)
+    if task == "classification" and not claims_head:
+        configs[0] = (configs[0][0], configs[0][1].replace(modules_to_save=list(heads)))
+    # other parts save nothing (None would let prompt/prefix methods add their own head copy, as PEFT does)
+    configs[1:] = [(n, c.replace(modules_to_save=[]) if c.modules_to_save is None else c) for n, c in configs[1:]]
     try:
-        return wrap(model, config)
+        wrapped = wrap(model, configs[0][1], configs[0][0])
+        for name, c in configs[1:]:
+            wrapped.add_adapter(name, c)
+        wrapped.set_adapter([name for name, _ in configs])
     except DeltatuneError:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"method '{method}' could not be applied to this model: {error}") from error
+    for path, host in wrapped.hosts():  # only the first active copy of a module is used: train each once
+        if isinstance(host, TrainableCopies) and len(host.copies) > 1:
+            raise ConfigError(f"parts {', '.join(host.copies)} of '{method}' all train a copy of '{path}' "
+                              f"(modules_to_save / train_head / train_layernorms); set it on one part only")
+    return wrapped
 
 
 def quantize_base(model: nn.Module, scheme: str, baseline: bool, method: str) -> None:

@@ -326,4 +326,11 @@ def build_configs(
     per_file = split_file(method, parts, dict(file_values or {}))
     if len(parts) == 1:
         return [("default", build_config(parts[0], per_option[parts[0]], per_file[parts[0]], strict))]
-    return [(part, build_config(part, per_option[part], per_file[part], True)) for part in parts]
+    configs = []
+    for part in parts:
+        try:
+            configs.append((part, build_config(part, per_option[part], per_file[part], True)))
+        except ConfigError as error:
+            raise ConfigError(f"part '{part}' of '{method}': {error} (an option without PART. goes to every part that "
+                              f"has that field; --set PART.FIELD=VALUE sets one part only)") from error
+    return configs

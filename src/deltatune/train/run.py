@@ -31,7 +31,7 @@ from .models import (
     resolve_model,
     unwrap_hf,
 )
-from .options import BASELINES, build_config, check_method, default_lr
+from .options import BASELINES, build_configs, default_lr, method_parts
 from .settings import RunSettings
 from .tasks import evaluate
 
@@ -178,11 +178,14 @@ def _run_training(
     quiet_transformers()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    method = check_method(settings.method)
+    method = "+".join(method_parts(settings.method))
     if method in BASELINES and (settings.method_options or settings.config_values):
         given = ", ".join("--" + k.replace("_", "-") for k in [*settings.method_options, *settings.config_values])
         raise ConfigError(f"option {given} does not apply to method '{method}' (a baseline; its only option is --k)")
-    config = None if method in BASELINES else build_config(method, settings.method_options, settings.config_values)
+    configs = None if method in BASELINES else build_configs(method, settings.method_options, settings.config_values)
+    recorded: Any = None  # run.json: a single method's PEFT config, or {adapter name: PEFT config} for a stack
+    if configs is not None:
+        recorded = {n: c.to_peft_dict() for n, c in configs} if len(configs) > 1 else configs[0][1].to_peft_dict()
     run_dir = Path(settings.out)
     check_run_folder(settings, run_dir, overwrite)
     if read_run(run_dir) and settings.resume and (read_run(run_dir) or {}).get("status") == "done":
@@ -200,15 +203,15 @@ def _run_training(
     record: dict[str, Any] = {
         "status": "running", "settings": settings.to_dict(), "model_path": model_path, "task": data.task,
         "labels": data.labels, "lr": lr, "versions": versions(), "data": data.info,
-        "config": config.to_peft_dict() if config is not None else None,
+        "config": recorded,
     }
     record_run(record)
     model, fresh = load_model(model_path, data.task, data.num_classes or 2,
                               data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
     heads = head_modules(model, fresh, data.task)
     if settings.quantize:
-        quantize_base(model, settings.quantize, config is None, method)
-    model = prepare_method(model, method, config, heads, data.task, settings.k)
+        quantize_base(model, settings.quantize, configs is None, method)
+    model = prepare_method(model, method, configs, heads, data.task, settings.k)
     if settings.gradient_checkpointing:
         hf = unwrap_hf(model)
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -2,7 +2,8 @@
 
 Method options are generated from the dataclass fields of every config class in ``deltatune.methods.METHODS``
 (``--r``, ``--alpha``, ``--targets`` ...); a field whose flag would clash with a trainer flag is set with
-``--set FIELD=VALUE``. Methods stack with '+' (``--method lora+prefix``, see ``STACK_HELP``). Errors print one line and exit with 2 (1 for a failed run, 130 when interrupted);
+``--set FIELD=VALUE``. Methods stack with '+' (``--method lora+prefix``, see ``STACK_HELP``). Errors print one line
+and exit with 2 (1 for a failed run, 130 when interrupted);
 ``--debug`` shows the traceback instead.
 """
 

@@ -4,6 +4,7 @@ offline model run row by row."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -160,7 +161,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(files):
              "invalid request"),
             (client.post("/v1/completions", json={"prompt": "word " * 40}), 400, "at most 12"),
             (client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 0}), 400, "max_tokens must be between"),
-            (client.post("/v1/completions", json={"prompt": "hi", "temperature": 0.7}), 400, "greedy"),
+            (client.post("/v1/completions", json={"prompt": "hi", "temperature": 2.5, "max_tokens": 2}), 400, "temperature must be"),
+            (client.post("/v1/completions", json={"prompt": "hi", "temperature": 1, "top_p": 0, "max_tokens": 2}), 400, "top_p must be"),
+            (client.post("/v1/completions", json={"prompt": "hi", "stop": ["a"] * 5, "max_tokens": 2}), 400, "at most 4"),
+            (client.post("/v1/completions", json={"prompt": "hi", "stop": "", "max_tokens": 2}), 400, "non-empty"),
+            (client.post("/v1/completions", json={"model": "nope", "prompt": "hi", "stream": True}), 404, "nope"),
             (client.post("/v1/completions", json={"model": "lora"}), 400, "prompt"),
             (client.post("/v1/completions", json={"prompt": []}), 400, "empty"),
             (client.post("/v1/classify", json={"input": "hi"}), 400, "use /v1/completions"),
@@ -237,9 +242,8 @@ def test_registry_scan_lru_and_limits(files, tmp_path):
         registry.ensure(["lora", "mora", "asy"])
     with pytest.raises(Forbidden):
         registry.add("x", tmp_path)
-    assert not registry.batchable("prompt") or "prompt" not in registry.loaded
     registry.ensure(["prompt"])
-    assert not registry.batchable("prompt") and registry.batchable("lora")
+    assert registry.batchable("prompt") and registry.batchable("lora")  # a causal LM: prompt rows share batches
 
 
 def test_cli_serve_command_answers_over_http(files):
@@ -266,3 +270,69 @@ def test_cli_serve_command_answers_over_http(files):
         process.terminate()
         process.wait(timeout=30)
     assert Path(files / "lm").is_dir()
+
+
+def sse(response) -> tuple[dict[int, str], dict[int, str], int]:
+    """(text per prompt index, finish reason per index, number of events) of a streamed completion."""
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for event in events[:-1]:
+        for choice in json.loads(event[6:])["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                finish[choice["index"]] = choice["finish_reason"]
+    return texts, finish, len(events) - 1
+
+
+def test_sampling_stop_strings_and_streaming(files):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "lm")
+    app, _ = build(serve_args(files, "lm", "--adapters", str(files / "lm_adapters"), "--max-wait-ms", "100"))
+    greedy = [{"model": n, "prompt": PROMPTS[i], "max_tokens": 8} for i, n in enumerate(["lora", "prompt", None, "dora"])]
+    sampled = {"model": "asy", "prompt": PROMPTS[4], "max_tokens": 10, "temperature": 1.0, "seed": 1234}
+    nucleus = {"model": "lora", "prompt": PROMPTS[3], "max_tokens": 10, "temperature": 0.8, "top_p": 0.5, "seed": 5}
+    with BackgroundServer(app) as url:
+        plain = asyncio.run(gather_posts(url, "/v1/completions", [*greedy, sampled]))
+        streamed = asyncio.run(gather_posts(url, "/v1/completions", [{**b, "stream": True} for b in [*greedy, sampled]]))
+        other_seed = {**sampled, "seed": 99}
+        again = asyncio.run(gather_posts(url, "/v1/completions", [other_seed, greedy[2], sampled]))  # another batch
+        two = httpx.post(f"{url}/v1/completions", json={**sampled, "prompt": [PROMPTS[4], PROMPTS[4]]}, timeout=60).json()
+        nucleus_runs = [httpx.post(f"{url}/v1/completions", json=b, timeout=60) for b in (nucleus, nucleus, {**nucleus, "stream": True})]
+        text = plain[0].json()["choices"][0]["text"]
+        k = next(k for k in range(1, len(text) - 2) if text[k:k + 2].strip() and text.find(text[k:k + 2]) == k)
+        stop_body = {**greedy[0], "stop": [text[k:k + 2], "never-seen"]}
+        stopped = httpx.post(f"{url}/v1/completions", json=stop_body, timeout=60).json()["choices"][0]
+        stopped_stream = httpx.post(f"{url}/v1/completions", json={**stop_body, "stream": True}, timeout=60)
+    assert all(r.status_code == 200 for r in [*plain, *again]), [r.text for r in [*plain, *again]]
+    for body, response, stream in zip(greedy, plain, streamed):  # greedy: the offline model's answer, streamed alike
+        choice = response.json()["choices"][0]
+        expected = offline_generate(files, body["model"], body["prompt"], body["max_tokens"])
+        assert choice["token_ids"] == expected and choice["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+        texts, finish, _ = sse(stream)
+        assert texts == {0: choice["text"]} and finish == {0: choice["finish_reason"]}, body
+    sample = plain[-1].json()["choices"][0]
+    assert again[2].json()["choices"][0] == sample  # same seed, other batch: same tokens
+    assert again[0].json()["choices"][0]["token_ids"] != sample["token_ids"]  # another seed: another sample
+    assert sample["token_ids"] != offline_generate(files, "asy", PROMPTS[4], 10)  # it really sampled
+    texts, finish, events = sse(streamed[-1])
+    assert texts == {0: sample["text"]} and finish == {0: sample["finish_reason"]} and events >= 2
+    assert two["choices"][0]["text"] == sample["text"] != two["choices"][1]["text"]  # prompt k samples with seed + k
+    first = nucleus_runs[0].json()["choices"][0]
+    assert nucleus_runs[1].json()["choices"][0] == first and sse(nucleus_runs[2])[0] == {0: first["text"]}
+    assert stopped["text"] == text[:k] and stopped["finish_reason"] == "stop"
+    assert sse(stopped_stream)[:2] == ({0: text[:k]}, {0: "stop"})
+
+
+def test_nucleus_sampling_draws_only_from_the_nucleus():
+    from deltatune.serve.decoding import nucleus_sample
+
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]).log()
+    draws = [nucleus_sample(logits, 1.0, 0.75, torch.Generator().manual_seed(s)) for s in range(2000)]
+    assert set(draws) == {0, 1} and abs(draws.count(0) / 2000 - 0.625) < 0.04
+    assert {nucleus_sample(logits, 1.0, 0.4, torch.Generator().manual_seed(s)) for s in range(50)} == {0}
+    assert nucleus_sample(logits, 1.0, 1.0, torch.Generator().manual_seed(3)) == nucleus_sample(
+        logits, 1.0, 1.0, torch.Generator().manual_seed(3))

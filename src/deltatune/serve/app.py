@@ -5,7 +5,10 @@
     POST   /v1/adapters            {"name", "path"}: register and load an adapter folder (API key when set)
     DELETE /v1/adapters/{name}     unload and forget an adapter (API key when set)
     POST   /v1/classify            {"model": adapter (base when omitted), "input": str | [str]}
-    POST   /v1/completions         OpenAI-style {"model", "prompt": str | [str], "max_tokens"}; greedy decoding
+    POST   /v1/completions         OpenAI-style {"model", "prompt": str | [str], "max_tokens", "temperature",
+                                   "top_p", "seed", "stop", "stream"}; temperature 0 (default) = greedy; prompt k of
+                                   a request samples with seed + k; "stream": true answers with server-sent events
+                                   (one text delta per event, then "data: [DONE]")
 
 Errors are JSON ``{"error": {"message", "type"}}`` with a 4xx status (400 bad input, 401 API key, 403 folder not
 allowed, 404 unknown adapter, 409 name taken); an unexpected failure is a 500 and the server keeps serving.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import socket
 import threading
 import time
@@ -24,12 +28,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DeltatuneError
 from ..layers import BASE
 from .batcher import MicroBatcher
+from .decoding import Sampling
 from .engine import Engine
 from .registry import ServeError
 
@@ -48,6 +53,16 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str]
     max_tokens: int = 16
     temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+    def sampling(self, index: int) -> Sampling:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        seed = None if self.seed is None else self.seed + index
+        top_p = 1.0 if self.top_p is None else self.top_p
+        return Sampling(self.max_tokens, self.temperature or 0.0, top_p, seed, tuple(stop))
 
 
 class AdapterRequest(BaseModel):
@@ -115,9 +130,49 @@ def create_app(
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise Unauthorized("this endpoint needs the server's API key (header 'Authorization: Bearer KEY' or 'X-API-Key')")
 
-    async def submit_all(kind: str, adapter: str, texts: list[str], max_tokens: int = 0) -> list[Any]:
-        items = [engine.check(kind, adapter, text, max_tokens) for text in texts]
+    async def submit_all(kind: str, adapter: str, texts: list[str], body: CompletionRequest | None = None) -> list[Any]:
+        items = [engine.check(kind, adapter, text, body.sampling(i) if body else None) for i, text in enumerate(texts)]
         return await asyncio.gather(*(batcher.submit(kind, adapter, item) for item in items))
+
+    def stream_completions(body: CompletionRequest, adapter: str, texts: list[str]) -> StreamingResponse:
+        """Server-sent events: each row's text deltas as they are decoded (checks run before the response starts)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(index: int):
+            return lambda delta, finish: loop.call_soon_threadsafe(queue.put_nowait, (index, delta, finish, None))
+
+        items = [engine.check("complete", adapter, t, body.sampling(i), sink(i)) for i, t in enumerate(texts)]
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        async def run(index: int, item: Any) -> None:
+            try:
+                await batcher.submit("complete", adapter, item)
+            except Exception as error:  # the row failed: tell the client in the stream
+                queue.put_nowait((index, None, "error", error))
+
+        async def events():
+            tasks = [asyncio.create_task(run(i, item)) for i, item in enumerate(items)]
+            open_rows = set(range(len(items)))
+            try:
+                while open_rows:
+                    index, delta, finish, error = await queue.get()
+                    if error is not None:
+                        message = {"message": str(error), "type": type(error).__name__, "index": index}
+                        yield f"data: {json.dumps({'error': message})}\n\n"
+                    else:
+                        choice = {"index": index, "text": delta, "finish_reason": finish, "logprobs": None}
+                        chunk = {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                                 "choices": [choice]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    if finish is not None:
+                        open_rows.discard(index)
+                yield "data: [DONE]\n\n"
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -151,12 +206,12 @@ def create_app(
         results = await submit_all("classify", adapter, _texts(body.input))
         return {"object": "classification", "model": body.model, "data": results}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> dict[str, Any]:
-        if body.temperature not in (None, 0, 0.0):
-            raise ServeError("only greedy decoding is served: leave temperature out or set it to 0")
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         adapter = body.model or BASE
-        results = await submit_all("complete", adapter, _texts(body.prompt), body.max_tokens)
+        if body.stream:
+            return stream_completions(body, adapter, _texts(body.prompt))
+        results = await submit_all("complete", adapter, _texts(body.prompt), body)
         choices = [
             {"index": i, "text": r["text"], "token_ids": r["tokens"], "finish_reason": r["finish_reason"], "logprobs": None}
             for i, r in enumerate(results)

@@ -2,20 +2,23 @@
 
 ``run(kind, items)`` computes one micro-batch: rows of layer adapters (LoRA family, bottleneck adapters) and base
 rows go through the model together as one mixed-adapter batch (``adapter_names=``); prompt/prefix adapters, which
-cannot share a batch, run as one sub-batch per adapter. Classification returns softmax probabilities; completion
-is greedy decoding (left-padded prompts, per-row ``max_tokens``, stop at EOS). Each item's failure (an adapter that
-does not load) is returned in its own slot, so one bad request never fails the others.
+cannot share a batch exactly (prompt tuning on a classifier, see ``virtual.py``), run as one sub-batch per
+adapter. Classification returns softmax probabilities; completion is one ``generate()`` over left-padded prompts with
+per-row settings (``decoding.py``: greedy or seeded temperature/top-p sampling, ``max_tokens``, stop strings, EOS,
+streamed text deltas). Each item's failure (an adapter that does not load) is returned in its own slot, so one bad
+request never fails the others.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .decoding import RowSampler, RowTracker, Sampling, Sink
 from .registry import AdapterRegistry, ServeError
 
 KINDS = ("classify", "complete")
@@ -23,11 +26,12 @@ KINDS = ("classify", "complete")
 
 @dataclass
 class Item:
-    """One row of work: which adapter, the text, and (completions) how many tokens to generate."""
+    """One row of work: which adapter, the text, and (completions) the decoding settings and a streaming sink."""
 
     adapter: str
     text: str
-    max_tokens: int = 0
+    sampling: Sampling = field(default_factory=Sampling)
+    sink: Sink | None = None
 
 
 class Engine:
@@ -47,7 +51,7 @@ class Engine:
         base.eval()
 
     # ---- request checks (cheap, done in the HTTP handler) ------------------------------------------------------------
-    def check(self, kind: str, adapter: str, text: str, max_tokens: int = 0) -> Item:
+    def check(self, kind: str, adapter: str, text: str, sampling: Sampling | None = None, sink: Sink | None = None) -> Item:
         if kind != self.task:
             other = "/v1/completions" if self.task == "complete" else "/v1/classify"
             raise ServeError(f"this server runs a {'causal LM' if self.task == 'complete' else 'classifier'}; use {other}")
@@ -57,9 +61,10 @@ class Engine:
         count = len(self.counter(text, add_special_tokens=True)["input_ids"])
         if count > self.max_length:
             raise ServeError(f"input has {count} tokens; this server accepts at most {self.max_length} (--max-length)")
-        if kind == "complete" and not 1 <= max_tokens <= self.max_tokens:
-            raise ServeError(f"max_tokens must be between 1 and {self.max_tokens}, got {max_tokens}")
-        return Item(adapter, text, max_tokens)
+        sampling = sampling or Sampling()
+        if kind == "complete":
+            check_sampling(sampling, self.max_tokens)
+        return Item(adapter, text, sampling, sink)
 
     # ---- batches -------------------------------------------------------------------------------------------------
     def run(self, kind: str, items: list[Item]) -> list[Any]:
@@ -113,23 +118,38 @@ class Engine:
         tok = self.tokenizer
         encoded = tok([item.text for item in items], padding=True, padding_side="left", return_tensors="pt")
         encoded = {k: encoded[k] for k in ("input_ids", "attention_mask")}  # no token_type_ids for a causal LM
-        steps = max(item.max_tokens for item in items)
-        out = self._call(
-            items, "generate", **encoded, max_new_tokens=steps, do_sample=False, pad_token_id=tok.pad_token_id
-        )
+        settings = [item.sampling for item in items]
         eos = getattr(self.registry.base.generation_config, "eos_token_id", None) or tok.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        results = []
-        for item, row in zip(items, out[:, encoded["input_ids"].shape[1]:].tolist()):
-            tokens, finish = [], "length"
-            for token in row[: item.max_tokens]:
-                if token in eos_ids:
-                    finish = "stop"
-                    break
-                tokens.append(token)
-            results.append({"text": tok.decode(tokens, skip_special_tokens=True), "tokens": tokens,
-                            "finish_reason": finish, "prompt_tokens": int(encoded["attention_mask"][len(results)].sum())})
-        return results
+        tracker = RowTracker(tok, settings, eos_ids, [item.sink for item in items])
+        extra: dict[str, Any] = {}
+        if any(s.temperature > 0 for s in settings):
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([RowSampler(settings, encoded["input_ids"].device)])
+        from transformers import StoppingCriteriaList
+
+        self._call(
+            items, "generate", **encoded, max_new_tokens=max(s.max_tokens for s in settings), do_sample=False,
+            pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([tracker]), **extra,
+        )
+        tracker.finish_all()
+        prompt_tokens = encoded["attention_mask"].sum(1).tolist()
+        return [{**result, "prompt_tokens": int(n)} for result, n in zip(tracker.results(), prompt_tokens)]
+
+
+def check_sampling(s: Sampling, max_tokens: int) -> None:
+    """Refuse decoding settings outside the served ranges (OpenAI's: temperature 0..2, top_p in (0, 1])."""
+    if isinstance(s.max_tokens, bool) or not 1 <= s.max_tokens <= max_tokens:
+        raise ServeError(f"max_tokens must be between 1 and {max_tokens}, got {s.max_tokens}")
+    if not 0 <= s.temperature <= 2:
+        raise ServeError(f"temperature must be between 0 (greedy) and 2, got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ServeError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.seed is not None and not 0 <= s.seed < 2**63:
+        raise ServeError(f"seed must be a non-negative 64-bit integer, got {s.seed}")
+    if len(s.stop) > 4 or any(not isinstance(x, str) or not x for x in s.stop):
+        raise ServeError("stop must be a non-empty string or a list of at most 4 non-empty strings")
 
 
 def infer_task(model: nn.Module) -> str:

@@ -9,6 +9,7 @@ All methods take one lock, so HTTP handlers and the batch worker may call them f
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -21,7 +22,9 @@ from ..errors import AdapterFileError, ConfigError, DeltatuneError
 from ..io import CONFIG_NAME, WEIGHTS_NAME, load, read_config
 from ..layers import BASE
 from ..methods.base import LayerDeltaConfig
+from ..methods.prefix import PrefixTuningConfig
 from ..model import DeltaModel, check_adapter_name
+from .virtual import CAUSAL_SUFFIXES
 
 
 class ServeError(DeltatuneError):
@@ -170,9 +173,19 @@ class AdapterRegistry:
         return self.model if self.model is not None else self.base
 
     def batchable(self, name: str) -> bool:
-        """Whether ``name`` can share a mixed batch (a layer method), or must run alone (prompt/prefix adapters)."""
+        """Whether ``name`` can share a mixed batch exactly, or must run alone.
+
+        Layer methods always can; prefix tuning / P-tuning v2 can when the model takes ``position_ids``; prompt
+        tuning / P-tuning only in causal LMs (their rows are padded to the widest prompt; see ``virtual.py``).
+        """
         config = self.model.configs.get(name) if self.model is not None else None
-        return config is None or isinstance(config, LayerDeltaConfig)
+        if config is None or isinstance(config, LayerDeltaConfig):
+            return True
+        if "position_ids" not in inspect.signature(self.base.forward).parameters:
+            return False
+        if isinstance(config, PrefixTuningConfig):
+            return True
+        return type(self.base).__name__.endswith(CAUSAL_SUFFIXES)
 
     def describe(self) -> list[dict[str, Any]]:
         with self.lock:

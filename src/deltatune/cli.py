@@ -157,8 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true")
     add_common(merge)
 
-    inspect = sub.add_parser("inspect", help="print an adapter's config, tensors and parameter count")
-    inspect.add_argument("adapter")
+    inspect = sub.add_parser("inspect", help="print an adapter's config, tensors and parameter count; --spectrum: "
+                             "singular values and effective rank of each layer's weight update dW")
+    inspect.add_argument("adapter", nargs="*", help="adapter or run folder(s)")
+    g = inspect.add_argument_group("spectrum of dW (LoRA/DoRA/AsyLoRA/MoRA: each layer's delta; full/last-layers "
+                                   "runs, or --base-model/--tuned-model: W_tuned - W_base)")
+    g.add_argument("--spectrum", action="store_true", help="print singular values / effective rank of each layer's dW")
+    g.add_argument("--model", help="base model of the adapter/run folders (default: the one recorded in the run)")
+    g.add_argument("--base-model", help="full fine-tuning: the base model folder (or 'minilm')")
+    g.add_argument("--tuned-model", help="full fine-tuning: the tuned model folder (save_pretrained / deltatune merge)")
+    g.add_argument("--layers", metavar="REGEX", help="only layers whose module path matches (default: every adapter "
+                   "layer; for full fine-tuning every weight matrix except embeddings and task heads)")
+    g.add_argument("--tol", type=float, default=1e-6, help="numerical rank: singular values > tol * largest (1e-6)")
+    g.add_argument("--json", metavar="FILE", help="write the spectra (all singular values) as JSON")
+    g.add_argument("--plot", metavar="FILE.png", help="plot s_i / s_1 per layer, log y, one panel per folder")
     add_common(inspect)
 
     from .serve.cli import add_serve_parser
@@ -292,7 +304,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .train.inference import inspect_text
 
-    print(inspect_text(Path(args.adapter)))
+    full_ft = args.base_model or args.tuned_model
+    if not args.spectrum:
+        if full_ft or args.json or args.plot:
+            raise ConfigError("--base-model/--tuned-model/--json/--plot go with --spectrum")
+        if not args.adapter:
+            raise ConfigError("pass an adapter or run folder")
+        print("\n\n".join(inspect_text(Path(folder)) for folder in args.adapter))
+        return 0
+    from . import spectrum
+
+    sources = []
+    if full_ft:
+        if not (args.base_model and args.tuned_model):
+            raise ConfigError("--base-model and --tuned-model go together (dW = tuned - base)")
+        sources.append((f"{args.tuned_model} - {args.base_model}",
+                        spectrum.model_deltas(args.base_model, args.tuned_model, args.layers)))
+    sources += [(folder, spectrum.run_deltas(Path(folder), args.model, args.layers)) for folder in args.adapter]
+    if not sources:
+        raise ConfigError("pass adapter/run folders, or --base-model and --tuned-model")
+    entries = []
+    for label, deltas in sources:
+        records = spectrum.spectra(deltas, args.layers, args.tol)
+        if not records:
+            raise ConfigError(f"{label}: no layer matched --layers {args.layers!r}")
+        print(f"{label}: spectrum of dW per layer\n{spectrum.format_table(records)}\n")
+        entries.append({"source": label, "summary": spectrum.summary(records), "layers": records})
+    if args.json:
+        spectrum.write_json(entries, Path(args.json))
+        print(f"spectra written to {args.json}")
+    if args.plot:
+        spectrum.plot({e["source"]: e["layers"] for e in entries}, Path(args.plot))
+        print(f"plot written to {args.plot}")
     return 0
 
 

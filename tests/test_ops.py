@@ -9,7 +9,7 @@ import deltatune as dt
 from deltatune.ops import (
     dora_linear,
     dora_linear_reference,
-    dropout_mask,
+    keep_mask,
     lora_add,
     lora_linear,
     lora_linear_reference,
@@ -55,12 +55,29 @@ def test_lora_linear_matches_plain_formula(p: float, tokens: int, bias: bool) ->
     torch.manual_seed(5)
     y = lora_linear(x, weight, b0, a, b, 0.5, p)
     torch.manual_seed(5)
-    drop = dropout_mask(x, p) if p > 0 else None  # the op draws its mask first, from the same generator state
-    ref = lora_linear_reference(x, weight, b0, a, b, 0.5, p, drop)
+    keep = keep_mask(x, p) if p > 0 else None  # the op draws its mask first, from the same generator state
+    ref = lora_linear_reference(x, weight, b0, a, b, 0.5, p, keep)
     torch.testing.assert_close(y, ref, **TOL)
     _check(_grads(y, [x, a, b]), _grads(ref, [x, a, b]), TOL)
     if p > 0:
-        assert 0 < int(drop.sum()) < drop.numel()
+        assert 0 < int(keep.sum()) < keep.numel()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_is_seeded_bernoulli(p: float) -> None:
+    """keep_mask: bool, seeded by the default generator, P(drop) = p (5 sigma), neighbours independent."""
+    x = torch.empty(1001, 301)  # odd number of elements: the last int64 word is half used
+    torch.manual_seed(0)
+    keep = keep_mask(x, p)
+    torch.manual_seed(0)
+    assert keep.dtype == torch.bool and keep.shape == x.shape and torch.equal(keep, keep_mask(x, p))
+    assert not torch.equal(keep, keep_mask(x, p))
+    drop = ~keep.flatten()
+    n = drop.numel()
+    assert abs(int(drop.sum()) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+    pairs = drop[: n - 1].view(-1, 2)  # the two halves of one random int64 word
+    both, m = int((pairs[:, 0] & pairs[:, 1]).sum()), pairs.shape[0]
+    assert abs(both - m * p * p) < 5 * (m * p * p * (1 - p * p)) ** 0.5
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
@@ -71,8 +88,8 @@ def test_lora_add_matches_plain_formula(p: float) -> None:
     torch.manual_seed(7)
     y = lora_add(x, out, a, b, 2.0, p)
     torch.manual_seed(7)
-    drop = dropout_mask(x, p) if p > 0 else None
-    ref = out + (lora_linear_reference(x, weight, None, a, b, 2.0, p, drop) - x @ weight.T)
+    keep = keep_mask(x, p) if p > 0 else None
+    ref = out + (lora_linear_reference(x, weight, None, a, b, 2.0, p, keep) - x @ weight.T)
     torch.testing.assert_close(y, ref, **TOL)
     _check(_grads(y, [x, out, a, b]), _grads(ref, [x, out, a, b]), TOL)
 
@@ -123,16 +140,39 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def test_dropout_keeps_a_bool_mask_not_a_float_copy() -> None:
-    """Saved for backward with dropout: x (4 B) + bool mask (1 B) per input element + h, vs the plain formula's
-    extra float copy of the dropped-out input."""
+def test_dropout_keeps_no_mask_on_cpu() -> None:
+    """Saved for backward with dropout: x and h^T only (the mask is redrawn from a seed), vs the plain formula's
+    extra float copy of the dropped-out input (and its mask)."""
     weight, b0, a, b = _factors(64, 64, 4)
     x = torch.randn(512, 64, requires_grad=True)
     fused = _saved_bytes(lambda: lora_linear(x, weight, b0, a, b, 1.0, 0.1))
     plain = _saved_bytes(lambda: lora_linear_reference(x, weight, b0, a, b, 1.0, 0.1))
     n = x.numel()
-    assert fused <= 4 * n + n + 4 * 512 * 4 + 2 * (64 * 64 + 64 + 2 * 64 * 4) * 4
-    assert plain - fused >= 3 * n
+    assert fused <= 4 * n + 4 * 512 * 4 + 2 * (64 * 64 + 64 + 2 * 64 * 4) * 4
+    assert plain - fused >= 4 * n
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+@pytest.mark.parametrize("add", [False, True])
+def test_seeded_and_kept_mask_paths_match(monkeypatch, seeded: bool, add: bool) -> None:
+    """Both mask paths are exact: seeded (CPU eager, redrawn in backward) and the bool mask kept for backward
+    (used off CPU and while compiling), for ``lora_linear`` and ``lora_add``."""
+    from deltatune.ops import dropout
+
+    monkeypatch.setattr(dropout, "_seeded", lambda x: seeded)
+    weight, b0, a, b = _factors(24, 40, 4)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    out = (x @ weight.T + b0).detach().requires_grad_()
+    torch.manual_seed(3)
+    y = lora_add(x, out, a, b, 0.5, 0.4) if add else lora_linear(x, weight, b0, a, b, 0.5, 0.4)
+    torch.manual_seed(3)
+    keep = keep_mask(x, 0.4)
+    ref = lora_linear_reference(x, weight, b0, a, b, 0.5, 0.4, keep)
+    if add:
+        ref = out + (ref - (x @ weight.T + b0))
+    torch.testing.assert_close(y, ref, **TOL)
+    tensors = [x, out, a, b] if add else [x, a, b]
+    _check(_grads(y, tensors), _grads(ref, tensors), TOL)
 
 
 def _unfused(model: dt.DeltaModel):

@@ -4,8 +4,9 @@ Each function equals its plain formula up to float rounding; tests/test_ops.py c
 """
 
 from .dora import dora_linear, dora_linear_reference
-from .lora import dropout_mask, fusable_base, lora_add, lora_linear, lora_linear_reference
+from .dropout import keep_mask
+from .lora import fusable_base, lora_add, lora_linear, lora_linear_reference
 
 __all__ = [
-    "dora_linear", "dora_linear_reference", "dropout_mask", "fusable_base", "lora_add", "lora_linear", "lora_linear_reference",
+    "dora_linear", "dora_linear_reference", "fusable_base", "keep_mask", "lora_add", "lora_linear", "lora_linear_reference",
 ]

@@ -8,7 +8,8 @@ Forward: one [tokens, in] x [in, out] matmul ``u = x V^T`` (V rebuilt from W, A,
 ``y = b + g * u`` (one elementwise pass). Backward: ``grad_x = g (g-scaled V)``, ``grad_B = s diag(g) g^T h``,
 ``grad_A = s (g diag(g) B)^T x`` with h = x A^T: the g-scaling lands on the small [out, in] / [out, r]
 matrices, not on [tokens, out]; ``grad_m = sum_tokens(grad * u) / n`` is the only extra [tokens, out] pass.
-Saved for backward: x (if A trains), h [tokens, r] (if B trains), u [tokens, out] (if m trains).
+Rank-r products are computed transposed (``h^T = A x^T``, ``grad_B = (h^T grad)^T``; 3-6x faster on CPU for small r).
+Saved for backward: x (if A trains), h^T [r, tokens] (if B trains), u [tokens, out] (if m trains).
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ class _DoraLinearFn(torch.autograd.Function):
         u = F.linear(x, _direction(weight, lora_a, lora_b, scaling))
         gain = magnitude / norm
         y = u * gain if bias is None else torch.addcmul(bias, u, gain)
-        h = x.reshape(-1, in_features) @ lora_a.T if needs_b else None
+        ht = lora_a @ x.reshape(-1, in_features).T if needs_b else None  # h^T [r, tokens]
         ctx.scaling, ctx.x_shape = scaling, x.shape
-        ctx.save_for_backward(x if needs_a else None, weight, lora_a, lora_b, h, u if needs_m else None, gain, norm)
+        ctx.save_for_backward(x if needs_a else None, weight, lora_a, lora_b, ht, u if needs_m else None, gain, norm)
         del needs_x
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, h, u, gain, norm = ctx.saved_tensors
+        x, weight, lora_a, lora_b, ht, u, gain, norm = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b, needs_m = ctx.needs_input_grad[:6]
         s = ctx.scaling
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
@@ -48,12 +49,12 @@ class _DoraLinearFn(torch.autograd.Function):
             scaled_v = _direction(weight, lora_a, lora_b, s).mul_(gain[:, None])
             grad_x = (g2 @ scaled_v).view(ctx.x_shape)
         if needs_a:
-            gh = g2 @ (lora_b * (gain * s)[:, None])  # [tokens, r] = s (grad * g) B
-            grad_a = gh.T @ x.reshape(-1, in_features)
+            ght = (lora_b * (gain * s)[:, None]).T @ g2.T  # [r, tokens] = s (B^T diag(g)) grad^T
+            grad_a = ght @ x.reshape(-1, in_features)
         if needs_b:
-            grad_b = (g2.T @ h).mul_((gain * s)[:, None])
+            grad_b = (ht @ g2).mul_((gain * s)[None, :]).T  # s diag(g) grad^T h, computed as (h^T grad)^T
         if needs_m:
-            grad_m = torch.linalg.vecdot(g2.T, u.reshape(-1, out_features).T) / norm
+            grad_m = (u.reshape(-1, out_features) * g2).sum(0).div_(norm)  # u stays intact (retain_graph)
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None
 
 

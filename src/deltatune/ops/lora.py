@@ -9,12 +9,16 @@ up to float rounding (tests/test_ops.py):
   (the [out, in] weight is rebuilt, never stored), ``grad_B = s g^T h`` and ``grad_A = s (g B)^T x`` with
   ``h = x A^T``. Nothing of size [tokens, out] is created besides ``y`` and the gradient.
 * branch (active dropout, or few tokens, or a low-precision base): ``y = x W^T + b`` then ``y += s h B^T`` in
-  place (h = drop(x) A^T). The dropout mask is kept as a bool tensor (1 byte per input element) instead of a
-  dropped-out float copy of x; backward adds the LoRA input gradient into the base's in place.
+  place (h = drop(x) A^T). The keep mask is not stored: ``ops.dropout`` redraws it from a seed in backward
+  (0 bytes per element instead of a dropped-out float copy of x); it is applied by a plain float multiply.
+  Backward adds the masked LoRA input gradient into the base's in place (one ``addcmul_``/``addmm_``).
 
-Saved for backward: x (only when A needs a gradient), h [tokens, r] (only when B does), the bool mask
-(dropout only); W, b, A, B are parameters and cost nothing to save. With ``weight=None`` the function adds the
-LoRA branch to a given base output ``out`` instead (several adapters on one layer).
+Rank-r products are computed transposed (``h^T = A x^T`` [r, tokens], ``(gB)^T = B^T g^T``,
+``grad_B = (h^T g)^T``): with r = 8 these layouts are 3-6x faster on CPU than ``g^T h`` or ``g B``, whose
+[tokens, r] operands make BLAS walk memory with a stride of r.
+Saved for backward: x (only when A needs a gradient), h^T [r, tokens] (only when B does) and, off CPU or while
+compiling, the bool mask; W, b, A, B are parameters and cost nothing to save. With ``weight=None`` the function
+adds the LoRA branch to a given base output ``out`` instead (several adapters on one layer).
 """
 
 from __future__ import annotations
@@ -22,10 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool mask of dropped elements (True = dropped, probability p), drawn from the default generator."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(p)
+from .dropout import draw_keep, redraw_keep
 
 
 def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -33,10 +34,8 @@ def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
     return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
 
 
-def _lora_input(x2: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` (2-d) in the LoRA dtype with dropped elements zeroed (the 1/(1-p) factor is applied elsewhere)."""
-    x2 = x2 if x2.dtype == dtype else x2.to(dtype)
-    return x2 if drop is None else x2.masked_fill(drop.reshape(x2.shape), 0.0)
+def _in_dtype(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x2 if x2.dtype == dtype else x2.to(dtype)
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -45,77 +44,87 @@ class _LoraLinearFn(torch.autograd.Function):
         lora_dtype = lora_a.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
         x2 = x.reshape(-1, in_features)
-        needs_x, needs_out, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
-        drop = dropout_mask(x, p) if p > 0 else None
-        keep_scale = 1.0 / (1.0 - p)
-        h = None
+        needs_x, _, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
+        mask_state = None
+        ht = None  # h^T = A drop(x)^T [r, tokens]
         if merged:
             y = F.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
             if needs_b:
-                h = x2 @ lora_a.T
+                ht = lora_a @ x2.T
         else:
-            h = _lora_input(x2, drop, lora_dtype) @ lora_a.T
+            xl = _in_dtype(x2, lora_dtype)
             if p > 0:
-                h.mul_(keep_scale)
+                keep, mask_state = draw_keep(x, p, lora_dtype)
+                xl = torch.mul(xl, keep.view(xl.shape), out=keep.view(xl.shape))
+            ht = lora_a @ xl.T
+            del xl
+            if p > 0:
+                ht.mul_(1.0 / (1.0 - p))
             if weight is not None:
                 y = F.linear(x, weight, bias)
                 y2 = y.view(-1, out_features)
                 if y.dtype == lora_dtype:
-                    y2.addmm_(h, lora_b.T, alpha=scaling)
+                    y2.addmm_(ht.T, lora_b.T, alpha=scaling)
                 else:
-                    y2.add_((h @ lora_b.T * scaling).to(y.dtype))
+                    y2.add_((ht.T @ lora_b.T * scaling).to(y.dtype))
             else:
                 out2 = out.reshape(-1, out_features)
                 if out.dtype == lora_dtype:
-                    y = torch.addmm(out2, h, lora_b.T, alpha=scaling).view(out.shape)
+                    y = torch.addmm(out2, ht.T, lora_b.T, alpha=scaling).view(out.shape)
                 else:
-                    y = (out2 + (h @ lora_b.T * scaling).to(out.dtype)).view(out.shape)
+                    y = (out2 + (ht.T @ lora_b.T * scaling).to(out.dtype)).view(out.shape)
             if not needs_b:
-                h = None
+                ht = None
         ctx.scaling, ctx.p, ctx.merged = scaling, p, merged
-        ctx.x_shape, ctx.x_dtype, ctx.out_dtype = x.shape, x.dtype, y.dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_out = out is not None
-        keep_x = x if needs_a else None
-        keep_drop = drop if (needs_a or needs_x) else None
-        ctx.save_for_backward(keep_x, weight, lora_a, lora_b, h, keep_drop)
-        del needs_out
+        ctx.seed = mask_state if isinstance(mask_state, int) else None
+        kept_mask = mask_state if isinstance(mask_state, torch.Tensor) and (needs_a or needs_x) else None
+        ctx.save_for_backward(x if needs_a else None, weight, lora_a, lora_b, ht, kept_mask)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, h, drop = ctx.saved_tensors
+        x, weight, lora_a, lora_b, ht, kept_mask = ctx.saved_tensors
         needs_x, needs_out, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
         s, p = ctx.scaling, ctx.p
         lora_dtype = lora_a.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
         g2 = grad.reshape(-1, out_features)
-        gl = g2 if g2.dtype == lora_dtype else g2.to(lora_dtype)
+        gl = _in_dtype(g2, lora_dtype)
         grad_x = grad_out = grad_a = grad_b = None
-        keep_scale = 1.0 / (1.0 - p)
-        gh = None
+        keep = None
+        if p > 0 and (needs_a or (needs_x and not ctx.merged)):
+            state = ctx.seed if ctx.seed is not None else kept_mask
+            keep = redraw_keep(state, g2.shape[0] * in_features, p, lora_dtype).view(-1, in_features)
+        ght = None  # (s/(1-p)) (g B)^T [r, tokens]
         if needs_a or (needs_x and not ctx.merged):
-            gh = gl @ lora_b  # [tokens, r]
-            gh.mul_(s * keep_scale if p > 0 else s)
+            ght = lora_b.T @ gl.T
+            ght.mul_(s / (1.0 - p) if p > 0 else s)
         if needs_x:
             if ctx.merged:
-                grad_x = (g2 @ _merged_weight(weight, lora_a, lora_b, s)).view(ctx.x_shape)
+                grad_x = g2 @ _merged_weight(weight, lora_a, lora_b, s)
+            elif weight is not None and keep is None and g2.dtype == lora_dtype:
+                grad_x = (g2 @ weight).addmm_(ght.T, lora_a)
             else:
-                lora_gx = gh @ lora_a
-                if drop is not None:
-                    lora_gx.masked_fill_(drop.reshape(lora_gx.shape), 0.0)
-                if weight is not None:
-                    grad_x = g2 @ weight
-                    grad_x.add_(lora_gx if lora_gx.dtype == grad_x.dtype else lora_gx.to(grad_x.dtype))
+                lora_gx = ght.T @ lora_a  # [tokens, in]; dropped elements get no gradient
+                if weight is not None and keep is not None and lora_gx.dtype == g2.dtype:
+                    grad_x = (g2 @ weight).addcmul_(lora_gx, keep)
                 else:
-                    grad_x = lora_gx if lora_gx.dtype == ctx.x_dtype else lora_gx.to(ctx.x_dtype)
-                grad_x = grad_x.view(ctx.x_shape)
+                    if keep is not None:
+                        lora_gx.mul_(keep)
+                    lora_gx = _in_dtype(lora_gx, ctx.x_dtype)
+                    grad_x = lora_gx if weight is None else (g2 @ weight).add_(lora_gx)
+            grad_x = grad_x.view(ctx.x_shape)
         if needs_out and ctx.has_out:
             grad_out = grad
         if needs_a:
-            grad_a = gh.T @ _lora_input(x.reshape(-1, in_features), drop, lora_dtype)
+            xl = _in_dtype(x.reshape(-1, in_features), lora_dtype)
+            if keep is not None:
+                xl = torch.mul(xl, keep, out=keep)
+            grad_a = ght @ xl
         if needs_b:
-            grad_b = gl.T @ h
-            grad_b.mul_(s)
+            grad_b = (ht @ gl).mul_(s).T
         return grad_x, grad_out, None, None, grad_a, grad_b, None, None, None
 
 
@@ -165,13 +174,13 @@ def lora_add(
 
 def lora_linear_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-    scaling: float, p: float = 0.0, drop: torch.Tensor | None = None,
+    scaling: float, p: float = 0.0, keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The plain formula with autograd: ``F.linear(x, W, b) + (B(A(drop(x))) * s)``; ``drop`` fixes the mask."""
+    """The plain formula with autograd: ``F.linear(x, W, b) + (B(A(drop(x))) * s)``; ``keep`` fixes the mask."""
     out = F.linear(x, weight, bias)
     xd = x.to(lora_a.dtype)
-    if drop is not None:
-        xd = xd * (~drop).to(xd.dtype) / (1 - p)
+    if keep is not None:
+        xd = torch.where(keep, xd, 0.0) / (1 - p)
     elif p > 0:
         xd = F.dropout(xd, p)
     return out + (F.linear(F.linear(xd, lora_a), lora_b) * scaling).to(out.dtype)

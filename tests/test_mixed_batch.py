@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import assert_rows_match_single_runs, tiny_bert_cls, tiny_gpt2, tiny_llama
 from deltatune.layers import DeltaLayer
 from deltatune.serve import mixed
 
@@ -137,6 +137,21 @@ def test_stacks_are_cached_and_follow_adapter_changes():
         out = model(input_ids=x, adapter_names=["c", "b"]).logits
         assert (out[0] - single(model, x[:1], "c")[0]).abs().max() <= 1e-5
         assert set(host.__dict__["_mixed_stacks"].slots) == {"b", "c"}
+
+
+def test_stacks_follow_edits_of_unused_adapters_and_re_added_names():
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2, targets=["q_proj"], init="random"), name="a").eval()
+    model.add_adapter("b", dt.LoraConfig(r=2, targets=["q_proj"], init="random"))
+    host = next(h for _, h in model.hosts() if isinstance(h, DeltaLayer))
+    x = ids((2, 4))
+    with torch.no_grad():
+        model(input_ids=x, adapter_names=["a", BASE])  # stacks hold a and b; b unused
+        host.adapters["b"].lora_B.weight.mul_(3)
+    assert_rows_match_single_runs(model, x, ["b", "a"])
+    for _ in range(3):  # same name, same shapes: freed memory may be reused, the stacks must not be
+        model.delete_adapter("a")
+        model.add_adapter("a", dt.LoraConfig(r=2, targets=["q_proj"], init="random"))
+        assert_rows_match_single_runs(model, x, ["a", "b"])
 
 
 def test_gradients_through_a_mixed_batch_equal_per_row_gradients():

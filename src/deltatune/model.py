@@ -83,6 +83,20 @@ class DeltaModel(nn.Module):
             if isinstance(module, AdapterHost):
                 yield path, module
 
+    def _changed(self) -> None:
+        """Note a change of which modules are hosts (invalidates ``_host_list``)."""
+        self.__dict__["_structure"] = self.__dict__.get("_structure", 0) + 1
+
+    def _host_list(self) -> list[AdapterHost]:
+        """Every host, cached between structural changes made through this DeltaModel (mixed batches call this on
+        every forward; walking every module of a model with many adapters costs milliseconds)."""
+        stamp = (self.__dict__.get("_structure", 0), tuple((n, id(c)) for n, c in self.configs.items()))
+        cached = self.__dict__.get("_hosts_cache")
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, [host for _, host in self.hosts()])
+            self.__dict__["_hosts_cache"] = cached
+        return cached[1]
+
     def host_at(self, path: str, kind: type[AdapterHost]) -> AdapterHost:
         """The host of the module at ``path``, wrapping the plain module on first use."""
         module = get_module(self.model, path)
@@ -92,6 +106,7 @@ class DeltaModel(nn.Module):
             raise ConfigError(f"module '{path}' already carries a {type(module).__name__}; it cannot also be a {kind.__name__}")
         host = kind(module)
         set_module(self.model, path, host)
+        self._changed()
         return host
 
     def add_adapter(self, name: str, config: DeltaConfig) -> None:
@@ -112,6 +127,7 @@ class DeltaModel(nn.Module):
             )
         save_paths = resolve_modules_to_save(self.model, config.modules_to_save) if config.modules_to_save else []
         self.configs[name] = config
+        self._changed()
         try:
             config.inject(self, name, paths)
             for path in save_paths:
@@ -145,6 +161,7 @@ class DeltaModel(nn.Module):
     def _remove(self, name: str) -> None:
         """Remove every trace of adapter ``name``; hosts left without adapters give their module back."""
         self.configs.pop(name, None)
+        self._changed()
         for path, host in list(self.hosts()):
             host.remove_adapter(name)
             if not host.adapter_names():
@@ -196,7 +213,7 @@ class DeltaModel(nn.Module):
         unknown = sorted({n for n in names if n != BASE and n not in self.configs})
         if unknown:
             raise ConfigError(f"adapter_names has unknown adapters {unknown}; known: {sorted(self.configs)} and {BASE!r}")
-        hosts = [host for _, host in self.hosts()]
+        hosts = self._host_list()
         for host in hosts:
             host.row_adapters = list(names)
         try:
@@ -319,6 +336,7 @@ class DeltaModel(nn.Module):
         modules_to_save hosts are replaced by the copy of the first adapter in ``keep`` (default: the active ones).
         """
         keep = self._active if keep is None else ([keep] if isinstance(keep, str) else list(keep))
+        self._changed()
         for path, host in list(self.hosts()):
             replacement = host.unwrap_to(keep) if isinstance(host, TrainableCopies) else host.unwrap()
             set_module(self.model, path, replacement)

@@ -16,15 +16,17 @@ Zero padding adds exact zeros, so each row equals its single-adapter run up to f
 Everything else (bottleneck adapters, conv LoRA, embeddings with ``max_norm``, unknown delta classes) runs once per
 distinct adapter on its rows (index select), after the batched part; so does a whole layer while a delta with
 active dropout is used (training), since dropout masks are random anyway.
-Stacks are cached on the layer, keyed on the adapters' identities and their tensors' storage and version counters
-(an optimizer step, ``load``, ``delete_adapter`` or a base weight edit invalidates them); while gradients flow into
-an adapter they are rebuilt on every call (differentiable).
+Stacks are cached on the layer, keyed on the adapters' names and identities; each call also checks the storage and
+version counters of the tensors of the adapters it uses (and the base weight when a DoRA row is in it), so an
+optimizer step, ``load``, ``delete_adapter`` or a base weight edit invalidates them at the next use while unused
+adapters cost nothing per call; while gradients flow into an adapter the stacks are rebuilt on every call
+(differentiable).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +72,12 @@ def _dropping(delta: nn.Module) -> bool:
 class Stacks:
     """Per-layer stacked adapter tensors (slot 0 = zero) and the last row-index tensor built from them."""
 
-    key: tuple
+    key: tuple  # (name, weak reference to the delta) of every adapter of the layer
     slots: dict[str, int]
     dtype: torch.dtype
+    states: dict[str, tuple] = field(default_factory=dict)  # tensor states of each stacked adapter at build time
+    base_state: tuple | None = None  # the base weight's state (DoRA's g depends on it)
+    dora: frozenset[str] = frozenset()
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A [n+1, r, in], sB [n+1, out, r]
     gain: torch.Tensor | None = None  # DoRA g [n+1, out], ones for other slots
     mora: list[tuple[MoraLinear, torch.Tensor]] = field(default_factory=list)  # (representative, M [n+1, r, r])
@@ -90,15 +95,38 @@ def _tensor_state(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device
 
 
-def _cache_key(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]]) -> tuple:
-    parts: list[Any] = []
-    for name, delta, kind in entries:
-        parts.append((name, id(delta), kind, tuple(_tensor_state(p) for p in delta.parameters())))
-    if any(kind == "dora" for _, _, kind in entries):  # g depends on the base weight
-        weight = layer._parameters.get("weight")
-        parts.append(_tensor_state(weight) if weight is not None else None)
-        parts.append(tuple(layer.merged))
-    return tuple(parts)
+def _delta_state(delta: nn.Module) -> tuple:
+    """Storage and version of a delta's tensors (its own and its direct children's) and its scaling."""
+    tensors = [t for t in delta._parameters.values() if t is not None]
+    for child in delta._modules.values():
+        if child is not None:
+            tensors += [t for t in child._parameters.values() if t is not None]
+    return tuple(_tensor_state(t) for t in tensors), getattr(delta, "scaling", None)
+
+
+def _base_state(layer: DeltaLayer) -> tuple:
+    weight = layer._parameters.get("weight")
+    return (_tensor_state(weight) if weight is not None else None), tuple(layer.merged)
+
+
+def _same_adapters(key: tuple, adapters: dict[str, nn.Module]) -> bool:
+    """The layer still holds exactly the delta objects the stacks were built from (weak references: an id is never
+    mistaken for that of a deleted adapter)."""
+    return len(key) == len(adapters) and all(
+        name == other and ref() is delta for (name, ref), (other, delta) in zip(key, adapters.items())
+    )
+
+
+def _fresh(stacks: Stacks, layer: DeltaLayer, used: list[str]) -> bool:
+    """Whether the cached stacks still hold the current tensors of every adapter this call uses."""
+    adapters = layer.adapters._modules
+    for name in used:
+        state = stacks.states.get(name)
+        if state is not None and state != _delta_state(adapters[name]):
+            return False
+    if any(name in stacks.dora for name in used):
+        return stacks.base_state == _base_state(layer)
+    return True
 
 
 def _stack(tensors: list[torch.Tensor], slots: list[int], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -121,7 +149,7 @@ def build_stacks(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]], k
     slots = {name: k + 1 for k, (name, _, _) in enumerate(entries)}
     n = len(entries)
     first = next(iter(entries[0][1].parameters()))
-    stacks = Stacks(key=key, slots=slots, dtype=first.dtype)
+    stacks = Stacks(key=key, slots=slots, dtype=first.dtype, states={name: _delta_state(d) for name, d, _ in entries})
     low = [(slots[nm], d) for nm, d, kind in entries if kind in ("lowrank", "dora")]
     if low:
         r_max = max(d.lora_A.weight.shape[0] for _, d in low)
@@ -131,6 +159,8 @@ def build_stacks(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]], k
         stacks.lowrank = (_stack(a, ks, n, a[0]), _stack(b, ks, n, b[0]))
     dora = [(slots[nm], d) for nm, d, kind in entries if kind == "dora"]
     if dora:
+        stacks.dora = frozenset(nm for nm, _, kind in entries if kind == "dora")
+        stacks.base_state = _base_state(layer)
         gains = [d.lora_magnitude_vector / d.weight_norm(layer).to(d.lora_magnitude_vector.dtype) for _, d in dora]
         ones = torch.ones_like(gains[0])
         by_slot = dict(zip([k for k, _ in dora], gains))
@@ -152,17 +182,18 @@ def build_stacks(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]], k
     return stacks
 
 
-def layer_stacks(layer: DeltaLayer, need_grad: bool) -> Stacks | None:
+def layer_stacks(layer: DeltaLayer, used: list[str], need_grad: bool) -> Stacks | None:
     """The layer's stacks (cached unless gradients must flow into them); None when nothing is batchable."""
-    entries = [(name, d, kind) for name, d in layer.adapters.items() if (kind := batch_kind(d, layer)) is not None]
+    adapters = layer.adapters._modules
+    cached: Stacks | None = layer.__dict__.get("_mixed_stacks")
+    if not need_grad and cached is not None and _same_adapters(cached.key, adapters) and _fresh(cached, layer, used):
+        return cached
+    key = tuple((name, weakref.ref(d)) for name, d in adapters.items())
+    entries = [(name, d, kind) for name, d in adapters.items() if (kind := batch_kind(d, layer)) is not None]
     if not entries:
         return None
-    key = _cache_key(layer, entries)
     if need_grad:
         return build_stacks(layer, entries, key)
-    cached: Stacks | None = layer.__dict__.get("_mixed_stacks")
-    if cached is not None and cached.key == key:
-        return cached
     layer.__dict__["_mixed_stacks"] = None  # free the old stacks before building new ones
     with torch.no_grad():
         stacks = build_stacks(layer, entries, key)
@@ -219,7 +250,7 @@ def forward_mixed(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor) -> torc
     if any(_dropping(d) for d in deltas):
         return run_each(layer, x, out, rows, used)
     need_grad = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())
-    stacks = layer_stacks(layer, need_grad)
+    stacks = layer_stacks(layer, used, need_grad)
     batched = [name for name in used if stacks is not None and name in stacks.slots]
     if batched:
         out = apply_stacks(layer, stacks, stacks.row_index(rows, x.device), x, out)

@@ -97,6 +97,7 @@ def test_full_fine_tuning_path_recovers_a_planted_rank_k_difference(tmp_path, k)
         assert rec["rank90"] == k and rec["numerical_rank"] == k, rec["layer"]
         assert rec["erank"] == pytest.approx(k, rel=1e-4)
         assert rec["singular_values"][0] == pytest.approx(0.5, rel=1e-5)
+        assert rec["energy_top"]["1"] == pytest.approx(1 / k, rel=1e-6) and rec["energy_top"]["4"] == pytest.approx(1.0)
 
 
 def test_cli_full_fine_tuning_writes_json_and_plot(tmp_path, capsys):

@@ -7,7 +7,8 @@ values ``s_1 >= s_2 >= ...`` (float64) we report:
 
 - ``rank90``: the smallest k with ``sum_{i<=k} s_i^2 >= 0.9 * sum_i s_i^2`` (k directions hold 90% of the energy);
 - ``erank``: the entropy effective rank of Roy & Vetterli (2007), ``exp(-sum p_i log p_i)`` with ``p_i = s_i / sum s``;
-- ``numerical_rank``: how many ``s_i > tol * s_1`` (tol 1e-6 by default).
+- ``numerical_rank``: how many ``s_i > tol * s_1`` (tol 1e-6 by default);
+- ``energy_top[k]``: the fraction of the energy in the top k directions (how much a rank-k update could capture).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def entropy_rank(s: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()).item())
 
 
+def energy_top(s: torch.Tensor, ks: tuple[int, ...] = (1, 4, 8, 16, 32)) -> dict[str, float]:
+    """Fraction of the energy ``sum s_i^2`` held by the top k directions, for each k (how well rank k captures dW)."""
+    energy = s.double() ** 2
+    total = float(energy.sum())
+    return {str(k): (float(energy[:k].sum()) / total if total > 0 else 0.0) for k in ks}
+
+
 def layer_spectrum(name: str, dw: torch.Tensor, tol: float = 1e-6) -> dict[str, Any]:
     """One layer's record: shape, norms, the three ranks, and the singular values."""
     s = singular_values(dw)
@@ -60,7 +68,8 @@ def layer_spectrum(name: str, dw: torch.Tensor, tol: float = 1e-6) -> dict[str, 
         "layer": name, "shape": list(dw.shape), "fro_norm": float(torch.linalg.vector_norm(s)), "top_sv": top,
         "rank90": energy_rank(s), "erank": entropy_rank(s),
         "numerical_rank": int((s > tol * top).sum().item()) if top > 0 else 0,
-        "max_rank": min(dw.shape[0], math.prod(dw.shape[1:])), "singular_values": s.tolist(),
+        "max_rank": min(dw.shape[0], math.prod(dw.shape[1:])), "energy_top": energy_top(s),
+        "singular_values": s.tolist(),
     }
 
 
@@ -156,19 +165,21 @@ def summary(records: list[dict[str, Any]]) -> dict[str, float]:
         return {"layers": 0}
     return {"layers": n, "mean_rank90": sum(r["rank90"] for r in records) / n,
             "mean_erank": sum(r["erank"] for r in records) / n,
+            "mean_energy_top8": sum(r["energy_top"]["8"] for r in records) / n,
             "mean_rank90_fraction": sum(r["rank90"] / r["max_rank"] for r in records) / n}
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = [f"{'layer':<52} {'shape':>11} {'|dW|_F':>9} {'rank90':>6} {'erank':>7} {'num.rank':>8}"]
+    lines = [f"{'layer':<52} {'shape':>11} {'|dW|_F':>9} {'rank90':>6} {'erank':>7} {'num.rank':>8} {'top8':>6}"]
     for r in records:
         shape = "x".join(str(d) for d in r["shape"])
         lines.append(f"{r['layer'][-52:]:<52} {shape:>11} {r['fro_norm']:9.3g} {r['rank90']:6d} {r['erank']:7.1f} "
-                     f"{r['numerical_rank']:8d}")
+                     f"{r['numerical_rank']:8d} {100 * r['energy_top']['8']:5.1f}%")
     s = summary(records)
     if records:
         lines.append(f"{s['layers']} layers: mean rank90 {s['mean_rank90']:.1f} ({100 * s['mean_rank90_fraction']:.1f}% of "
-                     f"full rank), mean erank {s['mean_erank']:.1f}")
+                     f"full rank), mean erank {s['mean_erank']:.1f}, top-8 directions hold {100 * s['mean_energy_top8']:.1f}% "
+                     "of the energy")
     return "\n".join(lines)
 
 
@@ -209,5 +220,5 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -
     plt.close(fig)
 
 
-__all__ = ["adapter_deltas", "energy_rank", "entropy_rank", "format_table", "layer_spectrum", "model_deltas", "plot",
+__all__ = ["adapter_deltas", "energy_rank", "energy_top", "entropy_rank", "format_table", "layer_spectrum", "model_deltas", "plot",
            "run_deltas", "singular_values", "spectra", "summary", "weight_deltas", "write_json"]

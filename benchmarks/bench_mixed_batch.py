@@ -7,12 +7,20 @@ runs a batch of 32 rows x 64 tokens spread round-robin over 1, 4, 8 and 32 adapt
   * HF PEFT's mixed batch (``adapter_names=``; same adapter files loaded into ``PeftModel``),
 and, as references, the single-adapter batch (``set_adapter``) and the bare base. Variants alternate inside each
 round so a busy shared machine slows all alike; the figure is the median over rounds of the per-round median.
+Part 1b (decode, the serving case): one decode step of a random Llama with a KV cache: 32 rows, each holding a
+``--decode-prompt``-token prompt in the cache, each adding one new token, rows spread round-robin over 1, 4, 8 and
+32 LoRA adapters (r=8, every linear layer, 32 adapters loaded); same variants, the base is the plain transformers
+model (no wrapper at all) and single-adapter runs have their adapter set once outside the timed call. Every variant
+decodes from the same cache (filled once, cropped back after each step), so all do the same attention work.
+The base-only time bounds what any implementation can reach against PEFT: ``peft / base`` is the ratio an adapter
+path costing nothing would get.
 Part 2: a real uvicorn server (tiny BERT classifier, 8 LoRA adapters, micro-batching) under a bounded local load:
 ``--requests`` requests, ``--concurrency`` in flight, each for a random adapter; requests/s and latency percentiles,
 with micro-batching on (``max_batch`` 32) and off (``max_batch`` 1).
 
     .venv/bin/python benchmarks/bench_mixed_batch.py              # writes benchmarks/results/bench_mixed_batch.json
     .venv/bin/python benchmarks/bench_mixed_batch.py --rounds 2 --repeats 2 --requests 100
+    .venv/bin/python benchmarks/bench_mixed_batch.py --only decode   # keeps the other sections of the JSON
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
@@ -80,15 +89,11 @@ def forward_benchmark(args: argparse.Namespace) -> dict:
         finally:
             mixed.batch_kind = original_kind
 
-    def single():
-        model.set_adapter("a0")
-        model(input_ids=ids)
-
-    def base():
-        with model.disable_adapters():
-            model(input_ids=ids)
-
-    variants = {"base": base, "single_adapter": single}
+    plain = llama(args.hidden, args.layers)  # the same base weights without any wrapper: the floor
+    model.set_adapter("a0")  # single-adapter runs: set once, outside the timed calls
+    peft_model.set_adapter("a0")
+    variants = {"base": lambda: plain(input_ids=ids), "single_adapter": lambda: model(input_ids=ids),
+                "peft_single_adapter": lambda: peft_model(input_ids=ids)}
     for s in spreads:
         variants[f"mixed_batched_{s}"] = lambda names=rows[s]: model(input_ids=ids, adapter_names=names)
         variants[f"mixed_loop_{s}"] = lambda names=rows[s]: loop_path(names)
@@ -117,8 +122,103 @@ def forward_benchmark(args: argparse.Namespace) -> dict:
         }
         for s in spreads
     }
-    return {"seconds_per_batch_best": seconds, "seconds_per_batch_median": medians, "rows_per_second_best": rows_per_s, "speed_ratios": ratios,
+    return {"seconds_per_batch_best": seconds, "seconds_per_batch_median": medians, "rows_per_second_best": rows_per_s,
+            "speed_ratios": ratios, "median_ratios": median_ratios(medians, spreads),
             "max_abs_diff_vs_peft": max_diff, "max_abs_diff_vs_base": adapter_effect}
+
+
+def median_ratios(medians: dict[str, float], spreads: list[int]) -> dict[str, dict[str, float]]:
+    """Ratios of median times per spread, and the bound ``peft / base`` (an adapter path that costs nothing)."""
+    out = {}
+    for s in spreads:
+        ours, peft_time, base = medians[f"mixed_batched_{s}"], medians[f"peft_mixed_{s}"], medians["base"]
+        out[f"{s}_adapters"] = {
+            "batched_vs_single_adapter": medians["single_adapter"] / ours,
+            "batched_vs_peft": peft_time / ours,
+            "batched_vs_loop": medians[f"mixed_loop_{s}"] / ours,
+            "bound_vs_peft_if_adapters_were_free": peft_time / base,
+            "base_fraction_of_peft_time": base / peft_time,
+            "adapter_overhead_ms": {"ours": 1000 * (ours - base), "peft": 1000 * (peft_time - base)},
+        }
+    return out
+
+
+def decode_benchmark(args: argparse.Namespace, hidden: int, layers: int) -> dict:
+    """One KV-cache decode step, 32 rows over 1/4/8/32 adapters (see module doc, part 1b)."""
+    import peft
+    from transformers import DynamicCache
+
+    import deltatune as dt
+    from deltatune.serve import mixed
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_decode_"))
+    model = dt.wrap(llama(hidden, layers), dt.LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"), "a0")
+    for k in range(1, args.adapters):
+        model.add_adapter(f"a{k}", dt.LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"))
+    model.eval()
+    for k in range(args.adapters):
+        model.save(folder / f"a{k}", adapter=f"a{k}")
+    peft_model = peft.PeftModel.from_pretrained(llama(hidden, layers), folder / "a0", adapter_name="a0")
+    for k in range(1, args.adapters):
+        peft_model.load_adapter(folder / f"a{k}", adapter_name=f"a{k}")
+    peft_model.eval()
+    plain = llama(hidden, layers)
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 1000, (args.batch, args.decode_prompt), generator=generator)
+    step = torch.randint(0, 1000, (args.batch, 1), generator=generator)
+    spreads = [s for s in (1, 4, 8, 32) if s <= args.adapters]
+    rows = {s: [f"a{i % s}" for i in range(args.batch)] for s in spreads}
+    original_kind = mixed.batch_kind
+    with torch.no_grad():
+        cache = DynamicCache(config=plain.config)
+        plain(input_ids=prompt, past_key_values=cache)
+
+    def loop_path(names):
+        mixed.batch_kind = lambda delta, layer: None
+        try:
+            model(input_ids=step, past_key_values=cache, adapter_names=names)
+        finally:
+            mixed.batch_kind = original_kind
+
+    model.set_adapter("a0")
+    peft_model.set_adapter("a0")
+    variants = {
+        "base": lambda: plain(input_ids=step, past_key_values=cache),
+        "single_adapter": lambda: model(input_ids=step, past_key_values=cache),
+        "peft_single_adapter": lambda: peft_model(input_ids=step, past_key_values=cache),
+    }
+    for s in spreads:
+        variants[f"mixed_batched_{s}"] = lambda n=rows[s]: model(input_ids=step, past_key_values=cache, adapter_names=n)
+        variants[f"mixed_loop_{s}"] = lambda n=rows[s]: loop_path(n)
+        variants[f"peft_mixed_{s}"] = lambda n=rows[s]: peft_model(input_ids=step, past_key_values=cache, adapter_names=n)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        ours = model(input_ids=step, past_key_values=cache, adapter_names=rows[spreads[-1]]).logits
+        cache.crop(-1)
+        theirs = peft_model(input_ids=step, past_key_values=cache, adapter_names=rows[spreads[-1]]).logits
+        cache.crop(-1)
+        max_diff = (ours - theirs).abs().max().item()
+        for fn in variants.values():  # warm-up (builds the stacks once)
+            fn()
+            cache.crop(-1)
+        for _ in range(args.decode_rounds):
+            for name, fn in variants.items():
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - start)
+                    cache.crop(-1)
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    best = {name: min(v) for name, v in samples.items()}
+    return {
+        "model": f"random Llama hidden {hidden}, {layers} layers, intermediate {hidden * 11 // 4}, vocab 1000",
+        "rows": args.batch, "cached_prompt_tokens": args.decode_prompt, "new_tokens_per_row": 1,
+        "adapters_loaded": args.adapters, "samples_per_variant": len(samples["base"]),
+        "ms_per_step_median": {n: 1000 * v for n, v in medians.items()},
+        "ms_per_step_best": {n: 1000 * v for n, v in best.items()},
+        "median_ratios": median_ratios(medians, spreads),
+        "max_abs_diff_vs_peft": max_diff,
+    }
 
 
 def op_benchmark(args: argparse.Namespace) -> dict:
@@ -241,8 +341,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--op-rounds", type=int, default=20)
-    parser.add_argument("--skip-server", action="store_true")
-    parser.add_argument("--skip-forward", action="store_true", help="keep the forward section of an earlier --out file")
+    parser.add_argument("--decode-sizes", default="256x4,1024x4", help="hidden x layers of the decode models")
+    parser.add_argument("--decode-prompt", type=int, default=64)
+    parser.add_argument("--decode-rounds", type=int, default=8)
+    parser.add_argument("--only", nargs="*", choices=["op", "forward", "decode", "server"],
+                        help="run only these sections (the others are kept from an earlier --out file)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     from transformers.utils import logging
@@ -250,18 +353,27 @@ def main() -> None:
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    sections = set(args.only or ["op", "forward", "decode", "server"])
     result = {
         **previous,
         "setup": {"batch": args.batch, "seq": args.seq, "hidden": args.hidden, "layers": args.layers,
                   "adapters": args.adapters, "lora_r": 8, "targets": TARGETS, "rounds": args.rounds,
                   "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-                  "machine": platform.processor() or platform.machine(), "device": "cpu"},
-        "op": op_benchmark(args),
+                  "machine": platform.processor() or platform.machine(), "device": "cpu",
+                  "load_average_at_start": os.getloadavg()},
     }
-    if not args.skip_forward:
+    if "op" in sections:
+        result["op"] = op_benchmark(args)
+    if "forward" in sections:
         result["forward"] = forward_benchmark(args)
-    if not args.skip_server:
+    if "decode" in sections:
+        result["decode"] = {}
+        for size in args.decode_sizes.split(","):
+            hidden, layers = (int(v) for v in size.split("x"))
+            result["decode"][f"hidden{hidden}_layers{layers}"] = decode_benchmark(args, hidden, layers)
+    if "server" in sections:
         result["server"] = server_benchmark(args)
+    result["setup"]["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -47,8 +47,10 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(mixed, "run_each", refuse)
 
 
+@pytest.mark.parametrize("few_tokens", [0, 10**6], ids=["gathered-factors", "dense-used-factors"])
 @pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj"])])
-def test_every_lora_family_method_matches_single_rows(factory, targets, monkeypatch):
+def test_every_lora_family_method_matches_single_rows(factory, targets, few_tokens, monkeypatch):
+    monkeypatch.setattr(mixed, "FEW_TOKENS", few_tokens)  # both low-rank paths: per-row bmm and dense
     model = family(factory, targets)
     rows = ["dora", "lora", BASE, "mora6", "asy", "rslora", "mora1", "dora", "lora"]
     x = ids((len(rows), 7))

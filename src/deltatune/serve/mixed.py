@@ -4,7 +4,9 @@ Row ``i`` uses slot ``k(i)`` of the layer (slot 0 = no delta: the base, or an ad
 layer). Per layer, every batchable adapter is stacked once (zero-padded to the largest rank, slot 0 all zero):
 
 * LoRA / rsLoRA / AsyLoRA / PiSSA (``LoraLinear``): ``y_i = out_i + (x_i A_k^T)(s_k B_k)^T`` with
-  ``A`` [n+1, r_max, in], ``sB`` [n+1, out, r_max]: two ``bmm`` over the gathered per-row factors;
+  ``A`` [n+1, r_max, in], ``sB`` [n+1, out, r_max]: two ``bmm`` over the gathered per-row factors, or, when
+  rows are short (decode steps), two dense matmuls over the used adapters' factors side by side with each row's
+  features outside its own block zeroed (``_lowrank_dense``);
 * DoRA (``DoraLinear``; ``out`` is the bare base output in a mixed batch):
   ``y_i = g_k * (out_i + L_i) + (1 - g_k) * b`` with ``g = m / ||W0 + s B A||`` per output row, ``g = 1`` for
   every other slot, so non-DoRA rows stay exactly ``out_i + L_i``;
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +85,30 @@ class Stacks:
     gain: torch.Tensor | None = None  # DoRA g [n+1, out], ones for other slots
     mora: list[tuple[MoraLinear, torch.Tensor]] = field(default_factory=list)  # (representative, M [n+1, r, r])
     embedding: tuple[torch.Tensor, torch.Tensor] | None = None  # A^T [n+1, vocab, r], (sB)^T [n+1, r, dim]
-    index: tuple[tuple[str, ...], torch.Tensor] | None = None
+    lowrank_t: torch.Tensor | None = None  # (sB)^T [n+1, r, out], for the few-token path
+    index: tuple | None = None  # (rows, slot per row, used slots [u], one-hot [batch, u])
 
     def row_index(self, rows: list[str], device: torch.device) -> torch.Tensor:
         key = tuple(rows)
         if self.index is None or self.index[0] != key or self.index[1].device != device:
-            self.index = (key, torch.tensor([self.slots.get(r, 0) for r in rows], dtype=torch.long, device=device))
+            slots = [self.slots.get(r, 0) for r in rows]
+            used = sorted(set(slots))
+            onehot = torch.zeros(len(rows), len(used), device=device, dtype=self.dtype)
+            onehot[torch.arange(len(rows)), torch.tensor([used.index(k) for k in slots])] = 1
+            index = torch.tensor(slots, dtype=torch.long, device=device)
+            self.index = (key, index, torch.tensor(used, dtype=torch.long, device=device), onehot)
         return self.index[1]
+
+    def used_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[A_u1; ...]`` [u*r, in], ``[(sB)_u1^T; ...]`` [u*r, out] of the slots used by the rows of the last
+        ``row_index`` call, and each row's one-hot over them [batch, u] (cached with the row index)."""
+        assert self.index is not None and self.lowrank is not None and self.lowrank_t is not None
+        if len(self.index) == 4:
+            used, (a, b_t) = self.index[2], (self.lowrank[0], self.lowrank_t)
+            a_used = a.index_select(0, used).reshape(-1, a.shape[2])
+            b_used = b_t.index_select(0, used).reshape(-1, b_t.shape[2])
+            self.index = (*self.index, a_used, b_used)
+        return self.index[4], self.index[5], self.index[3]
 
 
 def _tensor_state(tensor: torch.Tensor) -> tuple:
@@ -97,11 +117,16 @@ def _tensor_state(tensor: torch.Tensor) -> tuple:
 
 def _delta_state(delta: nn.Module) -> tuple:
     """Storage and version of a delta's tensors (its own and its direct children's) and its scaling."""
-    tensors = [t for t in delta._parameters.values() if t is not None]
+    state: list[Any] = [delta.__dict__.get("scaling")]
+    for tensor in delta._parameters.values():
+        if tensor is not None:
+            state += (tensor.data_ptr(), tensor._version)
     for child in delta._modules.values():
         if child is not None:
-            tensors += [t for t in child._parameters.values() if t is not None]
-    return tuple(_tensor_state(t) for t in tensors), getattr(delta, "scaling", None)
+            for tensor in child._parameters.values():
+                if tensor is not None:
+                    state += (tensor.data_ptr(), tensor._version)
+    return tuple(state)
 
 
 def _base_state(layer: DeltaLayer) -> tuple:
@@ -157,6 +182,7 @@ def build_stacks(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]], k
         b = [_pad(d.lora_B.weight * d.scaling, 1, r_max) for _, d in low]
         ks = [k for k, _ in low]
         stacks.lowrank = (_stack(a, ks, n, a[0]), _stack(b, ks, n, b[0]))
+        stacks.lowrank_t = stacks.lowrank[1].transpose(1, 2).contiguous()
     dora = [(slots[nm], d) for nm, d, kind in entries if kind == "dora"]
     if dora:
         stacks.dora = frozenset(nm for nm, _, kind in entries if kind == "dora")
@@ -201,6 +227,24 @@ def layer_stacks(layer: DeltaLayer, used: list[str], need_grad: bool) -> Stacks 
     return stacks
 
 
+FEW_TOKENS = 64  # tokens per row x adapters used, below which the dense path beats gathering per-row factors
+
+
+def _lowrank_dense(xs: torch.Tensor, out: torch.Tensor, stacks: Stacks) -> torch.Tensor:
+    """``out + (x_i A_u^T * e_i) (sB)_u^T`` with the u used adapters' factors side by side.
+
+    ``h = x [A_1; ...; A_u]^T`` holds every used adapter's r features; multiplying by the row's one-hot zeroes
+    every block but its own (exact zeros), so ``h [sB_1^T; ...; sB_u^T]`` adds only the row's own delta. Costs u
+    times the LoRA FLOPs of a row but no per-row copy of the factors: the cheaper choice for few tokens per row.
+    """
+    a_used, b_used, onehot = stacks.used_factors()
+    batch, tokens, features = xs.shape
+    u = onehot.shape[1]
+    h = (xs.reshape(-1, features) @ a_used.T).view(batch, tokens, u, -1)
+    h.mul_(onehot.view(batch, 1, u, 1))
+    return torch.addmm(out.reshape(batch * tokens, -1), h.view(batch * tokens, -1), b_used)
+
+
 def apply_stacks(layer: DeltaLayer, stacks: Stacks, index: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` plus each row's batched delta (see the module doc)."""
     batch, dtype = x.shape[0], stacks.dtype
@@ -208,8 +252,11 @@ def apply_stacks(layer: DeltaLayer, stacks: Stacks, index: torch.Tensor, x: torc
     if stacks.lowrank is not None:
         a, b = stacks.lowrank
         xs = x.to(dtype).reshape(batch, -1, x.shape[-1])
-        h = torch.bmm(xs, a[index].transpose(1, 2))  # [batch, tokens, r]
-        total = total + torch.bmm(h, b[index].transpose(1, 2)).reshape(out.shape)
+        if xs.shape[1] * stacks.index[2].shape[0] <= FEW_TOKENS:  # decode steps: dense matmuls over the used
+            total = _lowrank_dense(xs, total, stacks).reshape(out.shape)
+        else:  # long rows: gather each row's factors, two bmm
+            h = torch.bmm(xs, a[index].transpose(1, 2))  # [batch, tokens, r]
+            total = total + torch.bmm(h, b[index].transpose(1, 2)).reshape(out.shape)
     for delta, m in stacks.mora:
         xs = x.to(dtype).reshape(batch, -1, x.shape[-1])
         rows = m[index]
@@ -241,13 +288,14 @@ def forward_mixed(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor) -> torc
     rows = row_names(layer.row_adapters, x.shape[0])
     if layer.merged:
         raise MergeError("mixed-adapter batches need unmerged weights; call model.unmerge() first")
-    used = [name for name in dict.fromkeys(rows) if name != BASE and name in layer.adapters]
+    adapters = layer.adapters._modules
+    used = [name for name in dict.fromkeys(rows) if name != BASE and name in adapters]
     if not used:
         return out
-    deltas = [layer.adapters[name] for name in used]
+    deltas = [adapters[name] for name in used]
     if len(used) == 1 and all(r == used[0] for r in rows):  # one adapter for every row: its own forward
         return deltas[0](x, out, layer)
-    if any(_dropping(d) for d in deltas):
+    if layer.training and any(_dropping(d) for d in deltas):
         return run_each(layer, x, out, rows, used)
     need_grad = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())
     stacks = layer_stacks(layer, used, need_grad)

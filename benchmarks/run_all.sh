@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
 # Run the speed/memory benchmark suite; results land in benchmarks/results/*.json (summarised in docs/BENCHMARKS.md).
-#   bash benchmarks/run_all.sh            # small defaults (~15-20 min on 2 shared cores)
-#   bash benchmarks/run_all.sh --full     # issue sizes: MiniLM 32x128, random Llama 20M and 100M at 8x256 (hours here)
+#   bash benchmarks/run_all.sh            # small sizes (MiniLM 8x128, Llama-20M 4x128): ~20 min on 2 free cores
+#   bash benchmarks/run_all.sh --full     # issue sizes: MiniLM 32x128; random Llama ~20M and ~100M at 8x256
+# --full (about 1.5-2 h of CPU on 2 cores, much longer on a loaded machine), one torch thread per process:
+#   MiniLM: floor, full FT, LoRA r8 all-linear dropout 0.1 and 0, DoRA r8 all-linear (deltatune and PEFT each),
+#           2 alternated rounds x 10 timed steps, then a torch.profiler breakdown of floor and deltatune LoRA;
+#   Llama-20M 8x256: floor, full FT, LoRA r8 all-linear dropout 0.1 and 0 (deltatune and PEFT), 2 rounds x 10 steps;
+#   Llama-100M 8x256: floor, deltatune and PEFT LoRA r8 all-linear dropout 0.1, 1 round x 3 steps (~20 s of CPU
+#           per step on one thread: 10 steps x 2 rounds would be ~1 h alone);
+#   inference: base / unmerged / merged / PEFT at 32x128, 8x128, 1x16.
+# (DoRA vs PEFT DoRA is in the MiniLM training-step set; benchmarks/bench_dora.py is the older DoRA-only script.)
+# Set SUITE_SKIP="llama100m inference" (any of minilm llama20m llama100m inference) to leave parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
+R=benchmarks/results
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+SKIP=" ${SUITE_SKIP:-} "
+run() { [[ "$SKIP" == *" $1 "* ]] && { echo "skip $1"; return; }; shift; echo "+ $*"; "$@"; }
 echo "load average at start: $(cat /proc/loadavg)"
 if [[ "${1:-}" == "--full" ]]; then
-  $PY benchmarks/bench_train_step.py --full --rounds 3
-  $PY benchmarks/bench_inference.py --shapes 32x128,8x128,1x16 --iters 30
+  run minilm $PY benchmarks/bench_train_step.py --full --models minilm --rounds 2 --steps 10 --warmup 2 \
+    --variants floor,full,dt-lora-r8-all-d0.1,peft-lora-r8-all-d0.1,dt-lora-r8-all-d0,peft-lora-r8-all-d0,dt-dora-r8-all-d0,peft-dora-r8-all-d0 \
+    --out $R/bench_train_step_minilm.json
+  run llama20m $PY benchmarks/bench_train_step.py --full --models llama20m --rounds 2 --steps 10 --warmup 2 \
+    --out $R/bench_train_step_llama20m.json
+  run llama100m $PY benchmarks/bench_train_step.py --full --models llama100m --rounds 1 --steps 3 --warmup 1 \
+    --variants floor,dt-lora-r8-all-d0.1,peft-lora-r8-all-d0.1 --out $R/bench_train_step_llama100m.json
+  run inference $PY benchmarks/bench_inference.py --shapes 32x128,8x128,1x16 --iters 30
 else
-  $PY benchmarks/bench_train_step.py
-  $PY benchmarks/bench_inference.py
+  run minilm $PY benchmarks/bench_train_step.py --models minilm,llama20m --out $R/bench_train_step.json
+  run inference $PY benchmarks/bench_inference.py
 fi
 echo "load average at end: $(cat /proc/loadavg)"

@@ -308,3 +308,23 @@ def test_torch_compile_with_lora_dropout(mlp) -> None:
     out.square().sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert out.shape == (8, 4) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_backward_twice_with_retain_graph(method: str) -> None:
+    """Backward does not consume what it saved: a second backward (retain_graph) gives the same gradients."""
+    weight, b0, a, b = _factors(24, 40, 4)
+    x = torch.randn(3, 30, 24, requires_grad=True)
+    magnitude = (torch.rand(40) + 0.5).requires_grad_()
+    norm = torch.linalg.vector_norm(weight, dim=1)
+    if method == "lora":
+        y = lora_linear(x, weight, b0, a, b, 0.5, 0.3)
+        tensors = [x, a, b]
+    else:
+        y = dora_linear(x, weight, b0, a, b, magnitude, norm, 0.5)
+        tensors = [x, a, b, magnitude]
+    upstream = torch.randn_like(y)
+    first = torch.autograd.grad(y, tensors, upstream, retain_graph=True)
+    second = torch.autograd.grad(y, tensors, upstream)
+    for got, want in zip(second, first):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

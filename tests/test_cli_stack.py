@@ -261,3 +261,18 @@ def test_compare_runs_stacks_as_rows_and_merge_refuses_an_unmergeable_stack(data
     code = main(["merge", "--adapter", str(out / "prefix+houlsby"), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "none of the adapters prefix, houlsby" in err and len(err.splitlines()) == 1
+
+
+def test_compare_gives_a_stack_config_file_to_the_stack_entry(data_dir, tiny_model, tmp_path, monkeypatch):
+    import deltatune.compare as compare_module
+
+    config = tmp_path / "stack.json"
+    config.write_text(json.dumps({"lora": {"r": 2}, "prefix": {"num_virtual_tokens": 3}}))
+    seen = {}
+    monkeypatch.setattr(compare_module, "compare", lambda settings, methods, out, debug: seen.update(s=settings, m=methods))
+    assert main(["compare", "--data", str(data_dir), "--model", tiny_model, "--methods", "lora,lora+prefix",
+                 "--config", str(config), "--out", str(tmp_path / "c")]) == 0
+    plans = compare_module.method_settings(seen["s"], seen["m"], tmp_path / "c")
+    assert plans["lora"].config_values == {} and plans["lora+prefix"].config_values["prefix"] == {"num_virtual_tokens": 3}
+    configs = dict(build_configs("lora+prefix", plans["lora+prefix"].method_options, plans["lora+prefix"].config_values))
+    assert (configs["lora"].r, configs["prefix"].num_virtual_tokens) == (2, 3)

@@ -270,6 +270,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not methods:
         raise ConfigError("--methods is empty; e.g. --methods full,head,last-layers,lora")
     peft = next((m for m in methods if m not in ("full", "head", "last-layers")), None)
+    if args.config:  # the --config file belongs to the entry it names (e.g. a stack), else to the first adapter method
+        from .train.options import method_from_file, read_config_file
+
+        named = method_from_file(read_config_file(args.config))
+        peft = named if named in methods else peft
     settings = settings_from_args(args, peft or methods[0])
     compare(settings, methods, Path(args.out), debug=args.debug)
     return 0

@@ -3,9 +3,11 @@
 Part 1 (forward, no grad, eval): a random Llama (hidden 256, 4 layers, LoRA r=8 on every linear layer, 32 adapters)
 runs a batch of 32 rows x 64 tokens spread round-robin over 1, 4, 8 and 32 adapters with
   * deltatune's batched mixed path (``adapter_names=``),
-  * deltatune's per-adapter loop (the previous implementation, forced by disabling the batched path),
+  * deltatune's per-adapter loop (``run_each``: each adapter on its rows via index select; forced by making
+    ``layer_stacks`` return None),
   * HF PEFT's mixed batch (``adapter_names=``; same adapter files loaded into ``PeftModel``),
-and, as references, the single-adapter batch (``set_adapter``) and the bare base. Variants alternate inside each
+and, as references, the single-adapter batch (adapter set once, outside the timed calls) and the plain transformers
+model without any wrapper (the floor). Variants alternate inside each
 round so a busy shared machine slows all alike; the figure is the median over rounds of the per-round median.
 Part 1b (decode, the serving case): one decode step of a random Llama with a KV cache: 32 rows, each holding a
 ``--decode-prompt``-token prompt in the cache, each adding one new token, rows spread round-robin over 1, 4, 8 and
@@ -80,14 +82,14 @@ def forward_benchmark(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, 1000, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     spreads = [s for s in (1, 4, 8, 32) if s <= args.adapters]
     rows = {s: [f"a{i % s}" for i in range(args.batch)] for s in spreads}
-    original_kind = mixed.batch_kind
+    original_stacks = mixed.layer_stacks
 
     def loop_path(names):
-        mixed.batch_kind = lambda delta, layer: None
+        mixed.layer_stacks = lambda *args: None  # no batchable stacks: every adapter runs on its rows
         try:
             model(input_ids=ids, adapter_names=names)
         finally:
-            mixed.batch_kind = original_kind
+            mixed.layer_stacks = original_stacks
 
     plain = llama(args.hidden, args.layers)  # the same base weights without any wrapper: the floor
     model.set_adapter("a0")  # single-adapter runs: set once, outside the timed calls
@@ -168,17 +170,17 @@ def decode_benchmark(args: argparse.Namespace, hidden: int, layers: int) -> dict
     step = torch.randint(0, 1000, (args.batch, 1), generator=generator)
     spreads = [s for s in (1, 4, 8, 32) if s <= args.adapters]
     rows = {s: [f"a{i % s}" for i in range(args.batch)] for s in spreads}
-    original_kind = mixed.batch_kind
+    original_stacks = mixed.layer_stacks
     with torch.no_grad():
         cache = DynamicCache(config=plain.config)
         plain(input_ids=prompt, past_key_values=cache)
 
     def loop_path(names):
-        mixed.batch_kind = lambda delta, layer: None
+        mixed.layer_stacks = lambda *args: None  # no batchable stacks: every adapter runs on its rows
         try:
             model(input_ids=step, past_key_values=cache, adapter_names=names)
         finally:
-            mixed.batch_kind = original_kind
+            mixed.layer_stacks = original_stacks
 
     model.set_adapter("a0")
     peft_model.set_adapter("a0")

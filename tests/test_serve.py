@@ -61,6 +61,7 @@ def files(tmp_path_factory, minilm_path):
         "mora": dt.MoraConfig(r=2, targets=["v_proj", "down_proj"], init="random"),
         "asy": dt.AsyLoraConfig(r=4, alpha=16, targets="all-linear", init="random"),
         "prompt": dt.PromptTuningConfig(num_virtual_tokens=3),
+        "prefix": dt.PrefixTuningConfig(num_virtual_tokens=2, encoder_hidden_size=16),
     }
     for name, config in lm_adapters.items():
         torch.manual_seed(len(name))
@@ -107,7 +108,7 @@ async def gather_posts(url, path, bodies, headers=None):
 
 def test_concurrent_completions_for_different_adapters_match_offline(files):
     app, _ = build(serve_args(files, "lm", "--adapters", str(files / "lm_adapters"), "--max-wait-ms", "150"))
-    names = ["lora", "dora", None, "mora", "asy", "prompt", "lora", "dora", None, "mora"]
+    names = ["lora", "dora", None, "mora", "asy", "prompt", "prefix", "lora", "dora", None, "mora", "prefix"]
     bodies = [{"model": n, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 3 + i % 4} for i, n in enumerate(names)]
     with BackgroundServer(app) as url:
         responses = asyncio.run(gather_posts(url, "/v1/completions", bodies))
@@ -232,7 +233,7 @@ def test_registry_scan_lru_and_limits(files, tmp_path):
     from transformers import LlamaForCausalLM
 
     registry = AdapterRegistry(LlamaForCausalLM.from_pretrained(files / "lm"), [files / "lm_adapters"], max_loaded=2)
-    assert registry.scan(files / "lm_adapters") == ["asy", "dora", "lora", "mora", "prompt"]
+    assert registry.scan(files / "lm_adapters") == ["asy", "dora", "lora", "mora", "prefix", "prompt"]
     assert registry.loaded == {} and registry.model is None  # lazy
     registry.ensure(["lora", "dora"])
     registry.ensure(["lora"])  # lora is now the most recently used
@@ -242,8 +243,8 @@ def test_registry_scan_lru_and_limits(files, tmp_path):
         registry.ensure(["lora", "mora", "asy"])
     with pytest.raises(Forbidden):
         registry.add("x", tmp_path)
-    registry.ensure(["prompt"])
-    assert registry.batchable("prompt") and registry.batchable("lora")  # a causal LM: prompt rows share batches
+    registry.ensure(["prompt", "prefix"])  # a causal LM: prompt and prefix rows share mixed batches
+    assert registry.batchable("prompt") and registry.batchable("prefix") and registry.batchable("lora")
 
 
 def test_cli_serve_command_answers_over_http(files):

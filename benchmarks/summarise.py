@@ -1,0 +1,108 @@
+"""Markdown tables (for docs/BENCHMARKS.md) from the suite's JSON results; prints to stdout.
+
+    .venv/bin/python benchmarks/summarise.py                       # every bench_train_step*.json + inference
+    .venv/bin/python benchmarks/summarise.py --log run.log         # also rows a run printed (no JSON yet)
+
+Times are medians over processes of each process's median step (CPU = process time; one torch thread).
+Ratios are computed here from those medians; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROW = re.compile(r"(\w+) round (\d+) (\S+): ([\d.]+)s \(cpu ([\d.]+)s\), peak (\d+) MB, saved (\d+) MB, load ([\d.]+)")
+
+
+def from_json(path: Path) -> dict[str, dict]:
+    """model -> {"batch", "seq", "summary", "profile"} from a bench_train_step JSON."""
+    data = json.loads(path.read_text())
+    return {m: {"batch": e["batch"], "seq": e["seq"], "summary": e["summary"], "profile": e.get("profile", {}),
+                "rounds": len(next(iter(e["runs"].values())))} for m, e in data.get("models", {}).items()}
+
+
+def from_log(path: Path) -> dict[str, dict]:
+    """The same summaries from the per-process rows a run printed (median over the printed rounds)."""
+    rows: dict[str, dict[str, list]] = {}
+    for line in path.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            model, _, variant, wall, cpu, peak, saved, load = match.groups()
+            rows.setdefault(model, {}).setdefault(variant, []).append(
+                (float(wall), float(cpu), float(peak), float(saved), float(load)))
+    out = {}
+    for model, variants in rows.items():
+        summary = {v: {"median_step_s": statistics.median(r[0] for r in rs),
+                       "median_cpu_s": statistics.median(r[1] for r in rs),
+                       "peak_rss_mb": statistics.median(r[2] for r in rs), "saved_for_backward_mb": rs[0][3],
+                       "loadavg": statistics.median(r[4] for r in rs), "n": len(rs)} for v, rs in variants.items()}
+        out[model] = {"batch": None, "seq": None, "summary": summary, "profile": {},
+                      "rounds": max(s["n"] for s in summary.values())}
+    return out
+
+
+def train_tables(model: str, entry: dict) -> str:
+    summary = entry["summary"]
+    floor, full = summary.get("floor"), summary.get("full")
+    lines = [f"### {model}" + (f", batch {entry['batch']} x {entry['seq']}" if entry["batch"] else "")
+             + f" ({entry['rounds']} round(s))", "",
+             "| variant | CPU s/step | wall s/step | peak RSS MB | saved for bwd MB | CPU / floor | RSS / floor"
+             " | CPU / PEFT | RSS / PEFT | CPU / full FT | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        peft = summary.get(name.replace("dt-", "peft-", 1)) if name.startswith("dt-") else None
+
+        def ratio(ref: dict | None, key: str, s: dict = s) -> str:
+            return f"{s[key] / ref[key]:.2f}" if ref is not None and ref is not s else ""
+
+        lines.append(f"| {name} | {s['median_cpu_s']:.3f} | {s['median_step_s']:.3f} | {s['peak_rss_mb']:.0f} | "
+                     f"{s['saved_for_backward_mb']:.0f} | {ratio(floor, 'median_cpu_s')} | {ratio(floor, 'peak_rss_mb')}"
+                     f" | {ratio(peft, 'median_cpu_s')} | {ratio(peft, 'peak_rss_mb')} | {ratio(full, 'median_cpu_s')}"
+                     f" | {s['loadavg']:.1f} |")
+    for name, s in summary.items():
+        lora = summary.get(name.replace("dora", "lora"))
+        if name.startswith("dt-dora") and lora is not None:
+            lines.append(f"\n{name} / {name.replace('dora', 'lora')}: CPU {s['median_cpu_s'] / lora['median_cpu_s']:.2f}, "
+                         f"wall {s['median_step_s'] / lora['median_step_s']:.2f}, "
+                         f"peak RSS {s['peak_rss_mb'] / lora['peak_rss_mb']:.2f}")
+    for variant, rows in entry["profile"].items():
+        lines += ["", f"Profile {variant} (torch.profiler self CPU time per step, top ops):", "",
+                  "| op | ms/step | share | calls/step |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['self_cpu_ms_per_step']:.0f} | {100 * r['share']:.1f}% | {r['calls_per_step']:.0f} |"
+                  for r in rows[:10]]
+    return "\n".join(lines)
+
+
+def inference_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = [f"### inference ({data['command']})", "", "| shape | unmerged / base | merged / base | PEFT unmerged / base"
+             " | base CPU s | merged-vs-unmerged max abs diff |", "|---|---|---|---|---|---|"]
+    for shape, e in data["shapes"].items():
+        r = e["ratios_to_base"]
+        lines.append(f"| {shape} | {r['unmerged']['cpu']:.3f} | {r['merged']['cpu']:.3f} | {r['peft_unmerged']['cpu']:.3f}"
+                     f" | {e['medians']['base']['median_cpu_s']:.4f} | {e['max_abs_diff_merged_vs_unmerged']:.1e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log", type=Path, action="append", default=[])
+    args = parser.parse_args()
+    models: dict[str, dict] = {}
+    for path in sorted(RESULTS.glob("bench_train_step*.json")):
+        if "partial" not in path.name and "before" not in path.name:
+            models.update(from_json(path))
+    for path in args.log:
+        for model, entry in from_log(path).items():
+            models.setdefault(model, entry)
+    print("\n\n".join(train_tables(m, e) for m, e in models.items()))
+    if (RESULTS / "bench_inference.json").exists():
+        print("\n" + inference_table(RESULTS / "bench_inference.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ other jobs on a shared machine; with the default 1 thread it is the work done). 
     .venv/bin/python benchmarks/bench_train_step.py            # small defaults (MiniLM 8x128, Llama-20M 4x128)
     .venv/bin/python benchmarks/bench_train_step.py --full     # issue sizes: MiniLM 32x128, Llama 20M+100M 8x256
     .venv/bin/python benchmarks/bench_train_step.py --models minilm --variants floor,dt-lora-r8-all-d0.1 --rounds 2
+    .venv/bin/python benchmarks/bench_train_step.py --full --models minilm --profile-only --variants floor,dt-lora-r8-all-d0
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: robust under load)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-only", action="store_true", help="only the torch.profiler breakdown (MiniLM)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -253,6 +255,12 @@ def main() -> None:
         variants = args.variants.split(",") if args.variants else (DEFAULT_VARIANTS if model == "minilm"
                                                                    else LLAMA_VARIANTS)
         batch, seq = sizes[model]
+        if args.profile_only:
+            report["models"][model] = {"batch": batch, "seq": seq, "profile": {
+                v: run_worker(args, model, v, batch, seq, profile_run=True)["profile"] for v in variants}}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            continue
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for round_index in range(args.rounds):
             for variant in variants if round_index % 2 == 0 else variants[::-1]:
@@ -270,7 +278,7 @@ def main() -> None:
         report["models"][model] = entry
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({m: e["ratios"] for m, e in report["models"].items()}, indent=2))
+    print(json.dumps({m: e.get("ratios", "profile only") for m, e in report["models"].items()}, indent=2))
 
 
 def machine_info() -> dict:

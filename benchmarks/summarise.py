@@ -22,8 +22,9 @@ ROW = re.compile(r"(\w+) round (\d+) (\S+): ([\d.]+)s \(cpu ([\d.]+)s\), peak (\
 def from_json(path: Path) -> dict[str, dict]:
     """model -> {"batch", "seq", "summary", "profile"} from a bench_train_step JSON."""
     data = json.loads(path.read_text())
-    return {m: {"batch": e["batch"], "seq": e["seq"], "summary": e["summary"], "profile": e.get("profile", {}),
-                "rounds": len(next(iter(e["runs"].values())))} for m, e in data.get("models", {}).items()}
+    return {m: {"batch": e["batch"], "seq": e["seq"], "summary": e.get("summary", {}), "profile": e.get("profile", {}),
+                "rounds": len(next(iter(e["runs"].values()))) if "runs" in e else 0}
+            for m, e in data.get("models", {}).items()}
 
 
 def from_log(path: Path) -> dict[str, dict]:
@@ -93,12 +94,19 @@ def main() -> None:
     parser.add_argument("--log", type=Path, action="append", default=[])
     args = parser.parse_args()
     models: dict[str, dict] = {}
+    profiles: dict[str, dict] = {}
     for path in sorted(RESULTS.glob("bench_train_step*.json")):
         if "partial" not in path.name and "before" not in path.name:
-            models.update(from_json(path))
+            for model, entry in from_json(path).items():
+                if entry["summary"]:
+                    models[model] = entry
+                profiles.setdefault(model, {}).update(entry["profile"])
     for path in args.log:
         for model, entry in from_log(path).items():
             models.setdefault(model, entry)
+    for model, profile in profiles.items():
+        models.setdefault(model, {"batch": None, "seq": None, "summary": {}, "rounds": 0, "profile": {}})
+        models[model]["profile"] = {**profile, **models[model]["profile"]}
     print("\n\n".join(train_tables(m, e) for m, e in models.items()))
     if (RESULTS / "bench_inference.json").exists():
         print("\n" + inference_table(RESULTS / "bench_inference.json"))

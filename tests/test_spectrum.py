@@ -139,3 +139,23 @@ def test_cli_spectrum_errors(tmp_path, capsys):
     assert "go together" in capsys.readouterr().err
     assert main(["inspect", "--json", str(tmp_path / "x.json"), str(tmp_path)]) == 2
     assert main(["inspect", "--spectrum"]) == 2
+
+
+def test_cli_spectrum_of_a_full_fine_tuning_run_folder(tmp_path, minilm_path, capsys):
+    """A baseline run folder (trained tensors under the model's own keys): dW = trained - freshly loaded base."""
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.train.artifacts import save_trained
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    with torch.no_grad():
+        weights = {n: p for n, p in model.named_parameters() if n.endswith("attention.self.query.weight")}
+        _planted({f".encoder.{n}": p for n, p in weights.items()}, 2, torch.Generator().manual_seed(0))
+    save_trained(model, tmp_path / "run", "full", {"task": "classification", "labels": 2, "base_model": minilm_path})
+    out = tmp_path / "s.json"
+    assert main(["inspect", str(tmp_path / "run"), "--spectrum", "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["spectra"][0]["layers"]
+    assert [layer["layer"] for layer in layers] == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(6)]
+    assert all(layer["rank90"] == 2 and layer["numerical_rank"] == 2 for layer in layers)
+    assert "6 layers" in capsys.readouterr().out

@@ -150,7 +150,7 @@ def run_deltas(directory: Path, model: str | None = None, pattern: str | None = 
             raise ConfigError(f"{directory} did not load as an adapter")
         return list(adapter_deltas(loaded))
     info = artifact_info(directory)
-    base, _, _, _ = load_for_inference(model, None, info.get("task"), info.get("labels"))
+    base, _, _, _ = load_for_inference(model or info.get("model"), None, info.get("task"), info.get("labels"))
     return list(weight_deltas(base.state_dict(), load_file(str(directory / BASELINE_WEIGHTS)), pattern))
 
 

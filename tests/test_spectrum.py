@@ -119,6 +119,16 @@ def test_cli_full_fine_tuning_writes_json_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_titles_name_each_source(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    titles = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    records = [spectrum.layer_spectrum(f"layer{i}", torch.randn(6, 5)) for i in range(3)]
+    spectrum.plot({"run-a": records, "run-b": records[:1]}, tmp_path / "p.png")
+    assert [t.split("\n")[0] for t in titles] == ["run-a", "run-b"]
+
+
 def test_cli_spectrum_of_a_saved_minilm_lora_adapter(tmp_path, minilm_path, capsys):
     from transformers import AutoModelForSequenceClassification
 

@@ -203,14 +203,17 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -
             s = torch.tensor(r["singular_values"])
             if not s.numel() or s[0] <= 0:
                 continue
+            legend = r["layer"] if i in (0, len(records) - 1) else None  # colour runs first (dark) -> last (yellow)
             ax.plot(range(1, s.numel() + 1), (s / s[0]).clamp_min(1e-12).tolist(),
-                    color=cmap(i / max(1, len(records) - 1)), lw=0.9, alpha=0.8)
+                    color=cmap(i / max(1, len(records) - 1)), lw=0.9, alpha=0.8, label=legend)
         ranks = summary(records)
         extra = f"\nmean rank90 {ranks['mean_rank90']:.1f}, erank {ranks['mean_erank']:.1f}" if records else ""
         ax.set_title(f"{label}{extra}", fontsize=9)
         ax.set_yscale("log")
         ax.set_xlabel("singular value index")
         ax.grid(alpha=0.3)
+        if records:
+            ax.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel("s_i / s_1 (one line per layer)")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -19,12 +19,12 @@ Methods, all ``--steps`` optimizer steps, AdamW, batch ``--batch`` x ``--seq``:
 - ``lora-scratch``: LoRA (same rank, same trainable embeddings/norms/output layer) from the random init, no warm
   start, no restarts: the "LoRA alone cannot pretrain" baseline.
 ``lora`` and ``relora`` use the same learning rate and cosine envelope; they differ only in the restarts.
-AdamW uses beta2 = ``--beta2`` (0.99) for every method: the paper restarts every 5,000 steps, 5x Adam's default
-beta2 time constant (1,000 steps); our restarts are 50x closer together, and with beta2 = 0.999 the second moment,
+AdamW uses beta2 = ``--beta2`` (0.99) for every method: the paper restarts thousands of steps apart (5,000 in its
+main runs, as we read it), several times Adam's default beta2 time constant (1,000 steps); ours are 50x closer, and with beta2 = 0.999 the second moment,
 99% pruned at a restart, stays far below its steady state for the rest of the interval while the bias correction
 assumes it is complete, so every post-restart step is several times too large (we measured a jump of the train loss
-from 2.19 to 2.85 right after the first restart with 0.999). 0.99 keeps the ratio of interval to time constant
-near the paper's.
+from 2.19 to 2.85 right after the first restart with 0.999 and r=16). 0.99 keeps the ratio of interval to time
+constant near the paper's.
 
 For the LoRA methods the JSON also records the rank of the total update of the LoRA'd weights since LoRA started
 (``update_rank``: mean rank90 / entropy rank / numerical rank over layers, via ``deltatune.spectrum``): one LoRA can

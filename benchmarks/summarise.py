@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/summarise.py                       # every bench_train_step*.json + inference
     .venv/bin/python benchmarks/summarise.py --log run.log         # also rows a run printed (no JSON yet)
+    .venv/bin/python benchmarks/summarise.py --log run.log --save results/x.json   # and keep them as JSON
 
 Times are medians over processes of each process's median step (CPU = process time; one torch thread).
 Ratios are computed here from those medians; nothing is typed in by hand.
@@ -92,18 +93,23 @@ def inference_table(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log", type=Path, action="append", default=[])
+    parser.add_argument("--save", type=Path, help="also write the summaries taken from --log files to this JSON")
     args = parser.parse_args()
     models: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
     for path in sorted(RESULTS.glob("bench_train_step*.json")):
-        if "partial" not in path.name and "before" not in path.name:
+        if not any(tag in path.name for tag in ("partial", "before", "rows")):
             for model, entry in from_json(path).items():
                 if entry["summary"]:
                     models[model] = entry
                 profiles.setdefault(model, {}).update(entry["profile"])
+    logged = {}
     for path in args.log:
+        logged.update(from_log(path))
         for model, entry in from_log(path).items():
             models.setdefault(model, entry)
+    if args.save:
+        args.save.write_text(json.dumps({"source": [str(p) for p in args.log], "models": logged}, indent=1) + "\n")
     for model, profile in profiles.items():
         models.setdefault(model, {"batch": None, "seq": None, "summary": {}, "rounds": 0, "profile": {}})
         models[model]["profile"] = {**profile, **models[model]["profile"]}

@@ -222,7 +222,11 @@ def test_two_processes_equal_one(runs, run):
     assert record["distributed"] == {"world_size": 2, "backend": "gloo", "shard": run.startswith("fsdp")}
     trained = adapter(runs / run)
     assert all(float(v.abs().max()) > 1e-3 for k, v in trained.items())  # not an empty/zero adapter
-    assert max_diff(adapter(reference), trained) <= 1e-5
+    # Adam divides by sqrt(v): a gradient element that is small next to the float32 rounding of the sums behind it
+    # (two ranks add their halves in another order than one process) moves by a visible fraction of the step, so
+    # the weights are compared to 1% of one Adam step (lr 1e-2); the losses, which a wrong reduction would shift,
+    # to 1e-5. Measured: 2.9e-5 (ddp_lm) and 3.9e-5 (fsdp_lm), losses within 1e-6.
+    assert max_diff(adapter(reference), trained) <= 1e-2 * 1e-2
     assert train_losses(runs / run) == pytest.approx(train_losses(reference), abs=1e-5)
     ref = json.loads((reference / "run.json").read_text())["results"]
     assert record["results"]["tokens"] == ref["tokens"] and record["results"]["best_dev"] == pytest.approx(ref["best_dev"], abs=1e-5)

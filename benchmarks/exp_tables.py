@@ -86,7 +86,7 @@ def suites(imdb_data: Path) -> dict[str, list[Task]]:
         "glue": [
             Task("sst2", SHARED / "sst2", "accuracy", (*common, "--max-train", "4000"), PEFT_GLUE),
             Task("rte", SHARED / "rte", "accuracy", (*common, "--epochs", "3"), PEFT_GLUE),
-            Task("cola", SHARED / "cola", "mcc", (*common, "--max-train", "4000", "--epochs", "2"), PEFT_GLUE),
+            Task("cola", SHARED / "cola", "mcc", (*common, "--max-train", "4000", "--epochs", "2", "--metric", "mcc"), PEFT_GLUE),
         ],
         "imdb": [
             Task("imdb", imdb_data, "accuracy",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from results_io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -155,13 +155,6 @@ def run_method(method: str, args: argparse.Namespace, ids: torch.Tensor, labels:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("pairs", "steps", "batch", "eval_every", "hidden", "layers", "seed", "data_seed", "lr", "lr_full", "threads")
     return {k: getattr(args, k) for k in keys}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

@@ -46,7 +46,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -55,6 +54,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from results_io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -243,13 +243,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("data", "train_reviews", "val_reviews", "vocab", "seq", "batch", "steps", "warm_steps", "every", "rewarm",
             "warmup", "r", "beta2", "hidden", "layers", "heads", "lr", "lr_full", "seed", "data_seed", "val_windows", "eval_every")
     return {k: getattr(args, k) for k in keys}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

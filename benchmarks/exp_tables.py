@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from results_io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGES = ROOT / "docs" / "img"
@@ -207,10 +209,7 @@ def main() -> None:
                     "command": f"python benchmarks/exp_tables.py {args.suite}", "cpu_count": os.cpu_count(),
                     "load_average_at_write": os.getloadavg(),
                     "tasks": {t.name: {"data": str(t.data), "options": list(t.options)} for t in tasks}}
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-            os.replace(tmp, output)
+            write_json(output, {"meta": meta, "rows": rows})
     (RESULTS / f"results_{args.suite}.md").write_text(markdown(rows))
     plot(rows, IMAGES / f"results_{args.suite}.png", f"{args.suite}: MiniLM, metric vs trainable parameters")
     print(markdown(rows))

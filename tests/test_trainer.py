@@ -14,7 +14,7 @@ import torch
 
 from conftest import sst2_slice
 from deltatune.errors import ConfigError
-from deltatune.train.models import load_model, prepare_method, set_trainable
+from deltatune.train.models import load_model, prepare_method, set_trainable, trainable_head_params
 from deltatune.train.options import build_config
 from deltatune.train.run import read_run, run_training
 from deltatune.train.settings import RunSettings
@@ -145,6 +145,30 @@ def test_adapter_methods_always_train_the_head_and_loraplus_groups(tiny_model):
             assert lrs[id(parameter)] == pytest.approx(1.6e-2 if "lora_B" in name else 1e-3)
     with pytest.raises(ConfigError, match="unknown optimizer"):
         build_optimizer(wrapped, RunSettings(optimizer="adamz"), lr=1e-3)
+
+
+def test_head_lr_puts_exactly_the_head_in_its_own_groups(tiny_model, data_dir, tmp_path):
+    model, fresh = load_model(tiny_model, "classification", 2)
+    wrapped = prepare_method(model, "lora", build_config("lora", {"r": "4"}), fresh, "classification")
+    head = trainable_head_params(wrapped, fresh)
+    head_names = {n for n, p in wrapped.named_parameters() if any(p is h for h in head)}
+    assert head_names == {"model.classifier.copies.default.weight", "model.classifier.copies.default.bias"}
+    optimizer = build_optimizer(wrapped, RunSettings(head_lr=0.5, loraplus_ratio=4.0), lr=1e-3, head_params=head)
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, parameter in wrapped.named_parameters():
+        if parameter.requires_grad:
+            expected = 0.5 if name in head_names else 4e-3 if "lora_B" in name else 1e-3
+            assert lrs[id(parameter)] == pytest.approx(expected), name
+    assert len(lrs) == sum(p.requires_grad for p in wrapped.parameters())  # each parameter in exactly one group
+    assert all(decay[id(p)] == 0.0 for p in head if p.ndim == 1)
+    # through a run: the schedule scales both rates alike, and run.json records the head's
+    record = run_training(settings(data_dir, tiny_model, tmp_path / "h", head_lr=0.1, max_steps=4, eval_every=0))
+    assert record["head_lr"] == 0.1 and record["lr"] == 1e-2
+    with pytest.raises(ConfigError, match="no trainable task head"):
+        build_optimizer(wrapped, RunSettings(head_lr=0.5), lr=1e-3, head_params=[])
+    with pytest.raises(ConfigError, match="--head-lr must be > 0"):
+        RunSettings(head_lr=0.0)
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(data_dir, tiny_model, tmp_path):

@@ -70,6 +70,8 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, help="learning rate (default per method: full 5e-5, last-layers 1e-4, head 3e-2, adapters 3e-3 unless the method sets default_lr)")
+    g.add_argument("--head-lr", type=float, help="learning rate of the task head (the fresh classifier, or the LM head) "
+                   "in its own optimizer group; default: --lr. A fresh head on small pooled features may want ~10x more")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--optimizer", default="adamw", help="any torch.optim class name (adamw)")
     g.add_argument("--optimizer-args", default="{}", help="JSON of extra optimizer arguments")
@@ -213,7 +215,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         max_eval=args.max_eval, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
-        max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio, seed=args.seed, bf16=args.bf16,
+        max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio, head_lr=args.head_lr, seed=args.seed, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize, group_by_length=not args.no_group_by_length,
         eval_every=args.eval_every, save_every=args.save_every, metric=args.metric, threads=args.threads,
         out=args.out, resume=getattr(args, "resume", False), quiet=args.quiet,

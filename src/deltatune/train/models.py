@@ -116,6 +116,13 @@ def head_modules(model: nn.Module, fresh: list[str], task: str) -> list[str]:
     raise ConfigError("could not find the model's head; pass --modules-to-save NAME for adapter methods")
 
 
+def trainable_head_params(model: nn.Module, heads: list[str]) -> list[nn.Parameter]:
+    """The trainable parameters inside the head modules, found by path so that an adapter's trained copy of a head
+    (``...classifier.modules_to_save.<name>.weight``) counts too."""
+    marks = [f".{h}." for h in heads]
+    return [p for n, p in model.named_parameters() if p.requires_grad and any(m in f".{n}" for m in marks)]
+
+
 def set_trainable(model: nn.Module, method: str, heads: list[str], k: int = 2) -> list[str]:
     """Freeze/unfreeze for a baseline; returns the trainable parameter names.
 

@@ -29,6 +29,7 @@ from .models import (
     quantize_base,
     quiet_transformers,
     resolve_model,
+    trainable_head_params,
     unwrap_hf,
 )
 from .options import BASELINES, build_configs, default_lr, method_parts
@@ -202,7 +203,7 @@ def _run_training(
     lr = settings.lr or default_lr(method)
     record: dict[str, Any] = {
         "status": "running", "settings": settings.to_dict(), "model_path": model_path, "task": data.task,
-        "labels": data.labels, "lr": lr, "versions": versions(), "data": data.info,
+        "labels": data.labels, "lr": lr, "head_lr": settings.head_lr or lr, "versions": versions(), "data": data.info,
         "config": recorded,
     }
     record_run(record)
@@ -226,6 +227,7 @@ def _run_training(
     trainer = Trainer(
         model, settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
         data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
+        head_params=trainable_head_params(model, heads),
     )
     torch.manual_seed(settings.seed + 1)  # dropout stream, independent of how the head was initialised
     started = time.time()

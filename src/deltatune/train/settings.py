@@ -40,6 +40,7 @@ class RunSettings:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     loraplus_ratio: float | None = None
+    head_lr: float | None = None  # lr of the task head (fresh classifier / LM head); None: the same as lr
     seed: int = 0
     bf16: bool = False
     quantize: str | None = None  # "nf4": QLoRA, the frozen base's Linear weights stored 4-bit
@@ -65,6 +66,7 @@ class RunSettings:
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.max_length >= 2, "--max-length must be >= 2"),
             (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (self.head_lr is None or self.head_lr > 0, "--head-lr must be > 0"),
             (self.warmup >= 0, "--warmup must be >= 0"),
             (self.k >= 1, "--k must be >= 1"),
             (self.eval_every >= 0 and self.save_every >= 0, "--eval-every/--save-every must be >= 0"),

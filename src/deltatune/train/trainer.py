@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +42,14 @@ class Interrupted(DeltatuneError):
     """Training stopped on request (Ctrl-C) after writing a checkpoint."""
 
 
-def build_optimizer(model: nn.Module, settings: RunSettings, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, settings: RunSettings, lr: float, head_params: Iterable[nn.Parameter] = ()
+) -> torch.optim.Optimizer:
     """``settings.optimizer`` (any ``torch.optim`` class by case-insensitive name) over the trainable parameters.
 
     Groups: weight decay only on tensors with >= 2 dims (not biases or norms); with ``loraplus_ratio`` the groups
-    of ``deltatune.optim.loraplus_groups`` (LoRA+, Hayou et al. 2024: ``lr_B = ratio * lr``).
+    of ``deltatune.optim.loraplus_groups`` (LoRA+, Hayou et al. 2024: ``lr_B = ratio * lr``). With
+    ``settings.head_lr``, ``head_params`` move into groups of their own at that learning rate.
     """
     classes = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)}
     cls = classes.get(settings.optimizer.lower())
@@ -67,12 +70,30 @@ def build_optimizer(model: nn.Module, settings: RunSettings, lr: float) -> torch
         groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("the model has no trainable parameters for this method")
+    if settings.head_lr is not None:
+        groups = split_head_groups(groups, head_params, settings.head_lr)
     if "weight_decay" not in inspect.signature(cls).parameters:
         groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in groups]
     try:
         return cls(groups, lr=lr, **settings.optimizer_args)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"optimizer {settings.optimizer} rejected its arguments: {error}") from error
+
+
+def split_head_groups(groups: list[dict[str, Any]], head_params: Iterable[nn.Parameter], head_lr: float) -> list[dict[str, Any]]:
+    """Each group's head parameters as a copy of that group (same weight decay) at ``lr = head_lr``."""
+    head_ids = {id(p) for p in head_params}
+    if not head_ids:
+        raise ConfigError("--head-lr: this model has no trainable task head (nothing to give a learning rate)")
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        body = [p for p in group["params"] if id(p) not in head_ids]
+        head = [p for p in group["params"] if id(p) in head_ids]
+        if body:
+            split.append({**group, "params": body})
+        if head:
+            split.append({**group, "params": head, "lr": head_lr, "name": f"{group.get('name', 'params')}_head"})
+    return split
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -101,8 +122,10 @@ class Trainer:
         on_best: Callable[[nn.Module], None],
         on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
         dist: Distributed | None = None,
+        head_params: Iterable[nn.Parameter] = (),
     ) -> None:
-        """``dist``: this process of a multi-process run, ``model`` already passed through ``dist.prepare``."""
+        """``dist``: this process of a multi-process run, ``model`` already passed through ``dist.prepare``;
+        ``head_params``: the task head's parameters (their own lr with ``settings.head_lr``)."""
         self.model, self.settings, self.train_data, self.dev = model, settings, train, dev
         self.dist = dist
         self.forward_model = dist.forward_model if dist is not None else model
@@ -115,7 +138,7 @@ class Trainer:
         self.total_steps = settings.max_steps or max(1, round(settings.epochs * self.steps_per_epoch))
         warmup = settings.warmup
         self.warmup_steps = int(warmup * self.total_steps) if warmup < 1 else int(warmup)
-        self.optimizer = build_optimizer(model, settings, lr)
+        self.optimizer = build_optimizer(model, settings, lr, head_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, settings.scheduler)
         )

@@ -126,7 +126,7 @@ def imdb_with_dev(runs: Path, dev_rows: int = 1000, seed: int = 0) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with gzip.open(SHARED / "imdb" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
-        train = f.read().splitlines()
+        train = [line for line in f.read().split("\n") if line]  # not splitlines(): reviews hold U+2028 / U+0085
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     dev = set(order[:dev_rows])

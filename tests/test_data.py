@@ -92,6 +92,15 @@ def test_parquet_reads_or_says_what_to_install(tmp_path):
     assert read_rows(path) == ROWS
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """IMDb reviews contain U+2028 / U+0085 unescaped; str.splitlines() would cut such a row in two."""
+    rows = [{"text": "one\u2028two\x85three\x1cfour\r", "label": 1}, {"text": "plain", "label": 0}]
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
+    assert read_rows(path) == rows
+
+
 def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{oops\n', encoding="utf-8")

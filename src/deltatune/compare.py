@@ -83,7 +83,7 @@ def histories(out: Path, methods: list[str]) -> dict[str, list[dict[str, Any]]]:
     for method in methods:
         path = out / method / "metrics.jsonl"
         if path.is_file():
-            found[method] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            found[method] = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     return found
 
 

@@ -58,7 +58,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path} must hold a JSON list of objects")
         return data
-    for number, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and friends, which JSON strings may hold
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -111,7 +111,11 @@ def suites(imdb_data: Path) -> dict[str, list[Task]]:
             Task("rte", SHARED / "rte", "accuracy", (*common, "--epochs", "3"), PEFT_GLUE),
             Task("cola", SHARED / "cola", "mcc", (*common, "--max-train", "4000", "--epochs", "2", "--metric", "mcc"), PEFT_GLUE),
         ],
-        "headlr": [Task("sst2", SHARED / "sst2", "accuracy", (*common, "--max-train", "4000"), HEAD_LR_ENTRIES)],
+        "headlr": [
+            Task("sst2", SHARED / "sst2", "accuracy", (*common, "--max-train", "4000"), HEAD_LR_ENTRIES),
+            Task("cola", SHARED / "cola", "mcc", (*common, "--max-train", "4000", "--epochs", "2", "--metric", "mcc"),
+                 [e for e in HEAD_LR_ENTRIES if e.name.startswith(("lora", "houlsby", "prefix-lr1e-3"))]),
+        ],
         "imdb": [
             Task("imdb", imdb_data, "accuracy",
                  ("--max-length", "256", "--max-train", "2000", "--max-eval", "2000"), IMDB_ENTRIES),

@@ -35,6 +35,25 @@ def sst2_slice(folder: Path, sizes: dict[str, int]) -> Path:
     return folder
 
 
+def tiny_bert_folder(out: Path, tokenizer_path: str, hidden: int = 32) -> str:
+    """A random 2-layer BERT (hidden ``hidden``, dropout on) with MiniLM's tokenizer, saved as an HF folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_path) -> str:
+    """Folder of ``tiny_bert_folder`` (the small model the CLI and trainer tests train)."""
+    return tiny_bert_folder(tmp_path_factory.mktemp("tinybert"), minilm_path)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

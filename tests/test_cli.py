@@ -9,30 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import sst2_slice
+from conftest import sst2_slice, tiny_bert_folder
 from deltatune.cli import build_parser, main
-
-
-def tiny_bert_folder(out: Path, tokenizer_path: str, hidden: int = 32) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=128)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return sst2_slice(tmp_path_factory.mktemp("sst2"), {"train": 256, "dev": 64, "test": 64})
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, minilm_path) -> str:
-    return tiny_bert_folder(tmp_path_factory.mktemp("tinybert"), minilm_path)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from deltatune.train.models import load_model, load_tokenizer, prepare_method
 from deltatune.train.options import build_configs
 from deltatune.train.run import run_training
 from deltatune.train.trainer import Interrupted
-from test_cli import tiny_bert_folder
 
 STACK = ["--method", "lora+prefix", "--r", "4", "--alpha", "8", "--set", "lora.targets=query,value",
          "--set", "prefix.num_virtual_tokens=4"]
@@ -29,11 +28,6 @@ BUDGET = ["--max-steps", "8", "--eval-every", "4", "--batch-size", "16", "--lr",
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return sst2_slice(tmp_path_factory.mktemp("sst2"), {"train": 64, "dev": 32, "test": 32})
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, minilm_path) -> str:
-    return tiny_bert_folder(tmp_path_factory.mktemp("tinybert"), minilm_path)
 
 
 def stack_settings(data_dir: Path, model: str, out: Path, extra: tuple[str, ...] = ()):

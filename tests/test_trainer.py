@@ -26,21 +26,6 @@ def data_dir(tmp_path_factory) -> Path:
     return sst2_slice(tmp_path_factory.mktemp("sst2"), {"train": 256, "dev": 64, "test": 64})
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, minilm_path) -> str:
-    """A random 2-layer BERT (hidden 32, dropout on) with MiniLM's tokenizer, saved as an HF folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tinybert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 def settings(data_dir: Path, model: str, out: Path, **changes) -> RunSettings:
     base = dict(data=str(data_dir), model=model, method="lora", method_options={"r": "4", "dropout": "0.1"},
                 max_length=64, batch_size=16, max_steps=8, eval_every=4, lr=1e-2, quiet=True, out=str(out))

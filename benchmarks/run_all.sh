@@ -9,7 +9,7 @@
 #   Llama-100M 8x256: floor, deltatune and PEFT LoRA r8 all-linear dropout 0.1, 1 round x 3 steps (~20 s of CPU
 #           per step on one thread: 10 steps x 2 rounds would be ~1 h alone);
 #   inference: base / unmerged / merged / PEFT at 32x128, 8x128, 1x16.
-# (DoRA vs PEFT DoRA is in the MiniLM training-step set; benchmarks/bench_dora.py is the older DoRA-only script.)
+# (DoRA vs PEFT DoRA is in the MiniLM training-step set.)
 # Set SUITE_SKIP="llama100m inference" (any of minilm profile llama20m llama100m inference) to leave parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -140,22 +140,22 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def test_dropout_keeps_no_mask_on_cpu() -> None:
-    """Saved for backward with dropout: x and h^T only (the mask is redrawn from a seed), vs the plain formula's
+def test_dropout_keeps_a_one_bit_mask_on_cpu() -> None:
+    """Saved for backward with dropout: x, h^T and the mask packed to 1 bit per element, vs the plain formula's
     extra float copy of the dropped-out input (and its mask)."""
     weight, b0, a, b = _factors(64, 64, 4)
     x = torch.randn(512, 64, requires_grad=True)
     fused = _saved_bytes(lambda: lora_linear(x, weight, b0, a, b, 1.0, 0.1))
     plain = _saved_bytes(lambda: lora_linear_reference(x, weight, b0, a, b, 1.0, 0.1))
     n = x.numel()
-    assert fused <= 4 * n + 4 * 512 * 4 + 2 * (64 * 64 + 64 + 2 * 64 * 4) * 4
-    assert plain - fused >= 4 * n
+    assert fused <= 4 * n + n // 8 + 4 * 512 * 4 + 2 * (64 * 64 + 64 + 2 * 64 * 4) * 4
+    assert plain - fused >= 4 * n - n // 8  # a float copy of x saved by the plain formula, less our packed bits
 
 
 @pytest.mark.parametrize("seeded", [True, False])
 @pytest.mark.parametrize("add", [False, True])
 def test_seeded_and_kept_mask_paths_match(monkeypatch, seeded: bool, add: bool) -> None:
-    """Both mask paths are exact: seeded (CPU eager, redrawn in backward) and the bool mask kept for backward
+    """Both mask paths are exact: seeded (CPU eager, bits packed for backward) and the bool mask kept for backward
     (used off CPU and while compiling), for ``lora_linear`` and ``lora_add``."""
     from deltatune.ops import dropout
 

@@ -9,15 +9,15 @@ up to float rounding (tests/test_ops.py):
   (the [out, in] weight is rebuilt, never stored), ``grad_B = s g^T h`` and ``grad_A = s (g B)^T x`` with
   ``h = x A^T``. Nothing of size [tokens, out] is created besides ``y`` and the gradient.
 * branch (active dropout, or few tokens, or a low-precision base): ``y = x W^T + b`` then ``y += s h B^T`` in
-  place (h = drop(x) A^T). The keep mask is not stored: ``ops.dropout`` redraws it from a seed in backward
-  (0 bytes per element instead of a dropped-out float copy of x); it is applied by a plain float multiply.
+  place (h = drop(x) A^T). The keep mask is kept as 1 bit per element (``ops.dropout``) instead of a dropped-out
+  float copy of x, and unpacked in backward; it is applied by a plain float multiply.
   Backward adds the masked LoRA input gradient into the base's in place (one ``addcmul_``/``addmm_``).
 
 Rank-r products are computed transposed (``h^T = A x^T`` [r, tokens], ``(gB)^T = B^T g^T``,
 ``grad_B = (h^T g)^T``): with r = 8 these layouts are 3-6x faster on CPU than ``g^T h`` or ``g B``, whose
 [tokens, r] operands make BLAS walk memory with a stride of r.
-Saved for backward: x (only when A needs a gradient), h^T [r, tokens] (only when B does) and, off CPU or while
-compiling, the bool mask; W, b, A, B are parameters and cost nothing to save. With ``weight=None`` the function
+Saved for backward: x (only when A needs a gradient), h^T [r, tokens] (only when B does) and the mask (packed
+bits on CPU; off CPU or while compiling, the bool mask); W, b, A, B are parameters and cost nothing to save. With ``weight=None`` the function
 adds the LoRA branch to a given base output ``out`` instead (several adapters on one layer).
 """
 
@@ -78,8 +78,7 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.merged = scaling, p, merged
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_out = out is not None
-        ctx.seed = mask_state if isinstance(mask_state, int) else None
-        kept_mask = mask_state if isinstance(mask_state, torch.Tensor) and (needs_a or needs_x) else None
+        kept_mask = mask_state if needs_a or needs_x else None
         ctx.save_for_backward(x if needs_a else None, weight, lora_a, lora_b, ht, kept_mask)
         return y
 
@@ -95,8 +94,7 @@ class _LoraLinearFn(torch.autograd.Function):
         grad_x = grad_out = grad_a = grad_b = None
         keep = None
         if p > 0 and (needs_a or (needs_x and not ctx.merged)):
-            state = ctx.seed if ctx.seed is not None else kept_mask
-            keep = redraw_keep(state, g2.shape[0] * in_features, p, lora_dtype).view(-1, in_features)
+            keep = redraw_keep(kept_mask, g2.shape[0] * in_features, p, lora_dtype).view(-1, in_features)
         ght = None  # (s/(1-p)) (g B)^T [r, tokens]
         if needs_a or (needs_x and not ctx.merged):
             ght = lora_b.T @ gl.T

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from deltatune.ops import lora_linear
-from deltatune.ops.dropout import _from_seed, draw_keep, redraw_keep
+from deltatune.ops.dropout import _from_seed, draw_keep, unpack_keep
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ops.json"
 
@@ -81,7 +81,7 @@ def shape_costs(tokens: int, n_in: int, n_out: int, r: int, it: int) -> dict[str
         "lora_d0": cpu_ms(fwd_bwd(lambda: lora_linear(x, w, b, a, bb, 2.0, 0.0), x, g, (a, bb)), it),
         "lora_d0.1": cpu_ms(fwd_bwd(lambda: lora_linear(x, w, b, a, bb, 2.0, 0.1), x, g, (a, bb)), it),
         "mask_draw": cpu_ms(lambda: draw_keep(x, 0.1, torch.float32), it),
-        "mask_unpack": cpu_ms(lambda: redraw_keep(state, x.numel(), 0.1, torch.float32), it),
+        "mask_unpack": cpu_ms(lambda: unpack_keep(state, x.numel(), torch.float32), it),
     }
 
 

@@ -105,8 +105,9 @@ def main() -> None:
                 profiles.setdefault(model, {}).update(entry["profile"])
     logged = {}
     for path in args.log:
-        logged.update(from_log(path))
-        for model, entry in from_log(path).items():
+        entries = from_log(path)
+        logged.update(entries)
+        for model, entry in entries.items():
             models.setdefault(model, entry)
     if args.save:
         args.save.write_text(json.dumps({"source": [str(p) for p in args.log], "models": logged}, indent=1) + "\n")

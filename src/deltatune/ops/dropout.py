@@ -5,7 +5,7 @@ On CPU (eager) one 62-bit seed is drawn from torch's default generator (so ``tor
 iff its bits, read as an int32 ``u_i``, satisfy ``u_i >= -2^31 + round(p 2^32)``: dropped with probability
 ``round(p 2^32) / 2^32`` (within 2^-33 of p; torch's ``bernoulli_`` on a float uniform resolves p to 2^-24).
 The comparison (numpy, into a bool array) is packed to bits for backward (n/8 bytes) and widened to 0/1 floats
-so that applying the mask is a plain multiply. Per element (``benchmarks/bench_ops.py``) the draw costs ~1.1 ns
+so that applying the mask is a plain multiply. Per element (``benchmarks/bench_ops.py``) the draw costs ~1.3 ns
 (0.8 of it PCG64) against ~5 ns for ``bernoulli_``, and backward's unpack ~0.2 ns, where redrawing from the seed
 cost the full draw again; the 1-bit mask is 1/32 of a float copy of the input.
 Elsewhere (other devices, or while ``torch.compile`` traces) a bool mask ``rand >= p`` is drawn and kept.
@@ -51,7 +51,7 @@ def _from_seed(seed: int, n: int, p: float, dtype: torch.dtype) -> torch.Tensor:
 
 def draw_keep(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, MaskState]:
     """A fresh keep mask for ``x`` (probability 1 - p per element): its 0/1 values of ``dtype`` shaped [-1] and
-    the state to pass to ``redraw_keep`` in backward."""
+    the state to pass to ``unpack_keep`` in backward."""
     if _seeded(x):
         keep = _keep_bits(int(torch.randint(0, 2**62, ())), x.numel(), p)
         return _as_values(keep, dtype), torch.from_numpy(np.packbits(keep))
@@ -59,8 +59,8 @@ def draw_keep(x: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tens
     return keep.to(dtype), keep
 
 
-def redraw_keep(state: MaskState, n: int, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """The values ``draw_keep`` returned with this state."""
+def unpack_keep(state: MaskState, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The ``n`` values ``draw_keep`` returned with this state."""
     if state.dtype == torch.uint8:
         return _as_values(np.unpackbits(state.numpy(), count=n).view(np.bool_), dtype)
     return state.to(dtype)

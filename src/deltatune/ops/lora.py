@@ -17,8 +17,9 @@ Rank-r products are computed transposed (``h^T = A x^T`` [r, tokens], ``(gB)^T =
 ``grad_B = (h^T g)^T``): with r = 8 these layouts are 3-6x faster on CPU than ``g^T h`` or ``g B``, whose
 [tokens, r] operands make BLAS walk memory with a stride of r.
 Saved for backward: x (only when A needs a gradient), h^T [r, tokens] (only when B does) and the mask (packed
-bits on CPU; off CPU or while compiling, the bool mask); W, b, A, B are parameters and cost nothing to save. With ``weight=None`` the function
-adds the LoRA branch to a given base output ``out`` instead (several adapters on one layer).
+bits on CPU; off CPU or while compiling, the bool mask); W, b, A, B are parameters and cost nothing to save.
+With ``weight=None`` the function adds the LoRA branch to a given base output ``out`` instead (several adapters
+on one layer).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dropout import draw_keep, redraw_keep
+from .dropout import draw_keep, unpack_keep
 
 
 def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -94,7 +95,7 @@ class _LoraLinearFn(torch.autograd.Function):
         grad_x = grad_out = grad_a = grad_b = None
         keep = None
         if p > 0 and (needs_a or (needs_x and not ctx.merged)):
-            keep = redraw_keep(kept_mask, g2.shape[0] * in_features, p, lora_dtype).view(-1, in_features)
+            keep = unpack_keep(kept_mask, g2.shape[0] * in_features, lora_dtype).view(-1, in_features)
         ght = None  # (s/(1-p)) (g B)^T [r, tokens]
         if needs_a or (needs_x and not ctx.merged):
             ght = lora_b.T @ gl.T

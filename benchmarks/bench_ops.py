@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from deltatune.ops import lora_linear
-from deltatune.ops.dropout import _from_seed, draw_keep, unpack_keep
+from deltatune.ops.dropout import KeepStream, as_values, draw_keep, unpack_keep
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ops.json"
 
@@ -122,7 +122,8 @@ def main() -> None:
         "bernoulli_ (bool)": lambda: torch.empty(x.shape, dtype=torch.bool).bernoulli_(p),
         "rand < p": lambda: torch.rand(x.shape) < p,
         "torch random_ int32": lambda: torch.empty(x.shape, dtype=torch.int32).random_(),
-        "seeded PCG64 -> 0/1 float (deltatune)": lambda: _from_seed(12345, n, p, torch.float32),
+        "KeepStream (8-bit exact) -> 0/1 float (deltatune)":
+            lambda: as_values(KeepStream(12345, p).draw(n), torch.float32),
         "apply: masked_fill": lambda: x.masked_fill(~keep_bool, 0.0),
         "apply: x * bool": lambda: x * keep_bool,
         "apply: x * float": lambda: x * keep_float,

@@ -75,7 +75,7 @@ def test_keep_mask_is_seeded_bernoulli(p: float) -> None:
     drop = ~keep.flatten()
     n = drop.numel()
     assert abs(int(drop.sum()) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
-    pairs = drop[: n - 1].view(-1, 2)  # the two halves of one random int64 word
+    pairs = drop[: n - 1].view(-1, 2)  # two bytes of one random int64 word
     both, m = int((pairs[:, 0] & pairs[:, 1]).sum()), pairs.shape[0]
     assert abs(both - m * p * p) < 5 * (m * p * p * (1 - p * p)) ** 0.5
 
@@ -157,9 +157,10 @@ def test_dropout_keeps_a_one_bit_mask_on_cpu() -> None:
 def test_seeded_and_kept_mask_paths_match(monkeypatch, seeded: bool, add: bool) -> None:
     """Both mask paths are exact: seeded (CPU eager, bits packed for backward) and the bool mask kept for backward
     (used off CPU and while compiling), for ``lora_linear`` and ``lora_add``."""
-    from deltatune.ops import dropout
+    from deltatune.ops import dropout, lora
 
-    monkeypatch.setattr(dropout, "_seeded", lambda x: seeded)
+    monkeypatch.setattr(dropout, "seeded", lambda x: seeded)
+    monkeypatch.setattr(lora, "seeded", lambda x: seeded)
     weight, b0, a, b = _factors(24, 40, 4)
     x = torch.randn(3, 5, 24, requires_grad=True)
     out = (x @ weight.T + b0).detach().requires_grad_()
@@ -173,6 +174,46 @@ def test_seeded_and_kept_mask_paths_match(monkeypatch, seeded: bool, add: bool) 
     torch.testing.assert_close(y, ref, **TOL)
     tensors = [x, out, a, b] if add else [x, a, b]
     _check(_grads(y, tensors), _grads(ref, tensors), TOL)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("needs", ["x,a,b", "a,b", "x,b", "b"])
+def test_chunked_dropout_path_matches_plain_formula(monkeypatch, bias: bool, needs: str) -> None:
+    """The CPU dropout path in row chunks: many chunks, a short last one, an in-width that is not a multiple of 8,
+    each combination of gradients asked for; same mask as a whole-tensor draw."""
+    from deltatune.ops import lora_chunked
+
+    monkeypatch.setattr(lora_chunked, "CHUNK_ELEMENTS", 8 * 23)  # 8 rows of 23 per chunk
+    assert lora_chunked.rows_per_chunk(23) == 8
+    weight, b0, a, b = _factors(23, 30, 3, frozen_a="a" not in needs)
+    b0 = b0 if bias else None
+    x = torch.randn(5, 13, 23, requires_grad="x" in needs)  # 65 rows: 8 full chunks and 1 row
+    torch.manual_seed(4)
+    y = lora_linear(x, weight, b0, a, b, 0.7, 0.3)
+    torch.manual_seed(4)
+    ref = lora_linear_reference(x, weight, b0, a, b, 0.7, 0.3, keep_mask(x, 0.3))
+    torch.testing.assert_close(y, ref, **TOL)
+    _check(_grads(y, [x, a, b]), _grads(ref, [x, a, b]), TOL)
+
+
+def test_keep_stream_is_the_same_in_any_chunking_and_decides_ties_on_32_bits() -> None:
+    """Chunks of multiples of 8 give the whole draw's mask; elements whose top byte ties the threshold's are split
+    by 24 more bits: with p = (t + 1/2) / 256, about half of the ties are dropped (5 sigma)."""
+    import numpy as np
+
+    from deltatune.ops.dropout import KeepStream
+
+    whole = KeepStream(7, 0.1).draw(10_001)
+    stream = KeepStream(7, 0.1)
+    parts = [stream.draw(m) for m in (8, 4000, 16, 5976, 1)]
+    assert np.array_equal(np.concatenate(parts), whole)
+    p, n = (25 + 0.5) / 256, 2_000_000
+    keep = KeepStream(3, p).draw(n)
+    top = np.random.PCG64(np.random.SeedSequence(3).spawn(2)[0]).random_raw((n + 7) // 8).view(np.uint8)
+    assert np.array_equal(keep[top < 25], np.zeros(int((top < 25).sum()), bool))
+    assert keep[top > 25].all()
+    tied = keep[top == 25]
+    assert abs(int((~tied).sum()) - tied.size / 2) < 5 * (tied.size / 4) ** 0.5 and tied.size > 7000
 
 
 def _unfused(model: dt.DeltaModel):

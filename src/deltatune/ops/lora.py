@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dropout import draw_keep, unpack_keep
+from . import lora_chunked
+from .dropout import draw_keep, new_stream, seeded, unpack_keep
 
 
 def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -48,7 +49,15 @@ class _LoraLinearFn(torch.autograd.Function):
         needs_x, _, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
         mask_state = None
         ht = None  # h^T = A drop(x)^T [r, tokens]
-        if merged:
+        chunked = p > 0 and weight is not None and seeded(x) and x.dtype == weight.dtype == lora_dtype
+        if chunked:
+            y2, ht, bits = lora_chunked.forward(x2, weight, bias, lora_a, lora_b, scaling, p, new_stream(p),
+                                                keep_bits=needs_a or needs_x)
+            y = y2.view(*x.shape[:-1], out_features)
+            mask_state = None if bits is None else torch.from_numpy(bits)
+            if not needs_b:
+                ht = None
+        elif merged:
             y = F.linear(x, _merged_weight(weight, lora_a, lora_b, scaling), bias)
             if needs_b:
                 ht = lora_a @ x2.T
@@ -76,7 +85,7 @@ class _LoraLinearFn(torch.autograd.Function):
                     y = (out2 + (ht.T @ lora_b.T * scaling).to(out.dtype)).view(out.shape)
             if not needs_b:
                 ht = None
-        ctx.scaling, ctx.p, ctx.merged = scaling, p, merged
+        ctx.scaling, ctx.p, ctx.merged, ctx.chunked = scaling, p, merged, chunked
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_out = out is not None
         kept_mask = mask_state if needs_a or needs_x else None
@@ -91,6 +100,13 @@ class _LoraLinearFn(torch.autograd.Function):
         lora_dtype = lora_a.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
         g2 = grad.reshape(-1, out_features)
+        if ctx.chunked:
+            x2 = None if x is None else x.reshape(-1, in_features)
+            grad_x, grad_a, grad_b = lora_chunked.backward(
+                g2, x2, weight, lora_a, lora_b, ht, None if kept_mask is None else kept_mask.numpy(), s, p,
+                (needs_x, needs_a, needs_b))
+            grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
+            return grad_x, None, None, None, grad_a, grad_b, None, None, None
         gl = _in_dtype(g2, lora_dtype)
         grad_x = grad_out = grad_a = grad_b = None
         keep = None

@@ -45,14 +45,13 @@ def forward(
     ht = x2.new_empty(lora_a.shape[0], tokens)
     bits = np.empty((tokens * in_features + 7) // 8, np.uint8) if keep_bits else None
     a_scaled = lora_a / (1.0 - p)
-    mask = x2.new_empty(rows, in_features)
     masked = x2.new_empty(rows, in_features)
     for start, end in _chunks(tokens, rows):
         n = (end - start) * in_features
         keep = stream.draw(n)
         if bits is not None:
             bits[start * in_features // 8: start * in_features // 8 + (n + 7) // 8] = np.packbits(keep)
-        k = as_values(keep, x2.dtype, mask.view(-1)[:n]).view(-1, in_features)
+        k = torch.from_numpy(keep.view(np.uint8)).view(-1, in_features)  # 0/1 bytes, widened inside the multiply
         xk = torch.mul(x2[start:end], k, out=masked[: end - start])
         torch.mm(a_scaled, xk.T, out=ht[:, start:end])
     y = F.linear(x2, weight, bias).addmm_(ht.T, lora_b.T, alpha=scaling)

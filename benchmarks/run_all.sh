@@ -4,13 +4,14 @@
 #   bash benchmarks/run_all.sh --full     # issue sizes: MiniLM 32x128; random Llama ~20M and ~100M at 8x256
 # --full (about 1.5-2 h of CPU on 2 cores, much longer on a loaded machine), one torch thread per process:
 #   MiniLM: floor, full FT, LoRA r8 all-linear dropout 0.1 and 0, DoRA r8 all-linear (deltatune and PEFT each),
-#           2 alternated rounds x 10 timed steps; then a torch.profiler breakdown (floor, LoRA d0.1/d0, DoRA);
+#           2 alternated rounds x 10 timed steps; floor / LoRA d0.1, d0 / PEFT d0.1 paired step by step in one
+#           process (16 rounds); then a torch.profiler breakdown (floor, LoRA d0.1/d0, DoRA);
 #   Llama-20M 8x256: floor, full FT, LoRA r8 all-linear dropout 0.1 and 0 (deltatune and PEFT), 2 rounds x 10 steps;
 #   Llama-100M 8x256: floor, deltatune and PEFT LoRA r8 all-linear dropout 0.1, 1 round x 3 steps (~20 s of CPU
 #           per step on one thread: 10 steps x 2 rounds would be ~1 h alone);
 #   inference: base / unmerged / merged / PEFT at 32x128, 8x128, 1x16.
 # (DoRA vs PEFT DoRA is in the MiniLM training-step set.)
-# Set SUITE_SKIP="llama100m inference" (any of minilm profile llama20m llama100m inference) to leave parts out.
+# Set SUITE_SKIP="llama100m inference" (any of minilm paired profile llama20m llama100m inference) to leave parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -23,6 +24,8 @@ if [[ "${1:-}" == "--full" ]]; then
   run minilm $PY benchmarks/bench_train_step.py --full --models minilm --rounds 2 --steps 10 --warmup 2 \
     --variants floor,full,dt-lora-r8-all-d0.1,peft-lora-r8-all-d0.1,dt-lora-r8-all-d0,peft-lora-r8-all-d0,dt-dora-r8-all-d0,peft-dora-r8-all-d0 \
     --out $R/bench_train_step_minilm.json --no-profile
+  run paired $PY benchmarks/bench_paired_step.py --rounds 16 \
+    --variants floor,dt-lora-r8-all-d0.1,dt-lora-r8-all-d0,peft-lora-r8-all-d0.1 --out $R/bench_paired_step.json
   run profile $PY benchmarks/bench_train_step.py --full --models minilm --profile-only \
     --variants floor,dt-lora-r8-all-d0.1,dt-lora-r8-all-d0,dt-dora-r8-all-d0 --out $R/bench_train_step_profile.json
   run llama20m $PY benchmarks/bench_train_step.py --full --models llama20m --rounds 2 --steps 10 --warmup 2 \

@@ -12,6 +12,8 @@ up to float rounding (tests/test_ops.py):
   place (h = drop(x) A^T). The keep mask is kept as 1 bit per element (``ops.dropout``) instead of a dropped-out
   float copy of x, and unpacked in backward; it is applied by a plain float multiply.
   Backward adds the masked LoRA input gradient into the base's in place (one ``addcmul_``/``addmm_``).
+  With dropout on CPU and one dtype throughout, the masked steps run over cache-sized row chunks instead
+  (``ops.lora_chunked``: same formula, same mask).
 
 Rank-r products are computed transposed (``h^T = A x^T`` [r, tokens], ``(gB)^T = B^T g^T``,
 ``grad_B = (h^T g)^T``): with r = 8 these layouts are 3-6x faster on CPU than ``g^T h`` or ``g B``, whose

@@ -16,6 +16,8 @@ order (tests/test_ops.py).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,20 @@ import torch.nn.functional as F
 from .dropout import KeepStream, as_values, unpack_bits
 
 CHUNK_ELEMENTS = 1 << 18  # elements of x per chunk: 1 MB in float32
+
+
+_buffers = threading.local()
+
+
+def _buffer(slot: int, rows: int, in_features: int, like: torch.Tensor) -> torch.Tensor:
+    """A [rows, in] scratch tensor kept between calls (per thread), so that each call does not map fresh pages."""
+    cache: dict = _buffers.__dict__.setdefault("cache", {})
+    key = (slot, like.dtype)
+    numel = rows * in_features
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(rows, in_features)
 
 
 def rows_per_chunk(in_features: int) -> int:
@@ -45,7 +61,7 @@ def forward(
     ht = x2.new_empty(lora_a.shape[0], tokens)
     bits = np.empty((tokens * in_features + 7) // 8, np.uint8) if keep_bits else None
     a_scaled = lora_a / (1.0 - p)
-    masked = x2.new_empty(rows, in_features)
+    masked = _buffer(0, rows, in_features, x2)
     for start, end in _chunks(tokens, rows):
         n = (end - start) * in_features
         keep = stream.draw(n)
@@ -72,8 +88,7 @@ def backward(
         gbt.mul_(scaling / (1.0 - p))
         grad_x = g2 @ weight if needs_x else None
         grad_a = torch.zeros_like(lora_a) if needs_a else None
-        mask = g2.new_empty(rows, in_features)
-        scratch = g2.new_empty(rows, in_features)
+        mask, scratch = _buffer(1, rows, in_features, g2), _buffer(2, rows, in_features, g2)
         for start, end in _chunks(tokens, rows):
             n = (end - start) * in_features
             keep = unpack_bits(bits[start * in_features // 8: start * in_features // 8 + (n + 7) // 8], n)

@@ -196,6 +196,25 @@ def test_chunked_dropout_path_matches_plain_formula(monkeypatch, bias: bool, nee
     _check(_grads(y, [x, a, b]), _grads(ref, [x, a, b]), TOL)
 
 
+def test_chunked_dropout_path_in_bfloat16() -> None:
+    """All-bf16 layer (x, W and LoRA factors): the chunked path keeps the dtype and matches the plain formula."""
+    weight, b0, a, b = _factors(32, 48, 4, dtype=torch.bfloat16)
+    a, b = a.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
+    x = torch.randn(3, 40, 32, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(6)
+    y = lora_linear(x, weight, b0, a, b, 2.0, 0.2)
+    torch.manual_seed(6)
+    ref = lora_linear_reference(x, weight, b0, a, b, 2.0, 0.2, keep_mask(x, 0.2))
+    assert y.dtype == torch.bfloat16
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> None:  # within 2 bf16 ulps of the largest value
+        torch.testing.assert_close(got, want, atol=2**-7 * float(want.abs().max()), rtol=0)
+
+    close(y, ref)
+    for got, want in zip(_grads(y, [x, a, b]), _grads(ref, [x, a, b])):
+        close(got, want)
+
+
 def test_keep_stream_is_the_same_in_any_chunking_and_decides_ties_on_32_bits() -> None:
     """Chunks of multiples of 8 give the whole draw's mask; elements whose top byte ties the threshold's are split
     by 24 more bits: with p = (t + 1/2) / 256, about half of the ties are dropped (5 sigma)."""

@@ -9,8 +9,8 @@ only those ties take 24 more bits, from a second stream. This draws ~8 random bi
 exactly the 32-bit comparison. Both streams are read in element order, so a mask drawn in chunks (multiples of 8
 elements) equals the mask drawn at once.
 
-Per element (``benchmarks/bench_ops.py``) the draw costs ~0.4 ns against ~5 ns for ``bernoulli_``; the bool mask is
-packed to bits for backward (n/8 bytes, 1/32 of a float copy of the input) and unpacked there (~0.05 ns).
+Per element (``benchmarks/bench_ops.py``) a whole-tensor draw into 0/1 floats costs ~0.7 ns against ~5 ns for
+``bernoulli_``; the bool mask is packed to bits for backward (n/8 bytes, 1/32 of a float copy of the input).
 Elsewhere (other devices, or while ``torch.compile`` traces) a bool mask ``rand >= p`` is drawn and kept.
 """
 

@@ -1,7 +1,7 @@
 """Training-step time of several variants in one process, step by step in turn: paired ratios to the floor.
 
 ``bench_train_step.py`` runs each variant in its own process, which is what peak RSS needs, but on a shared
-(virtual) machine the speed of a core drifts by 10-20% over minutes, so two processes a few minutes apart can
+(virtual) machine the speed of a core drifts by 5-10% over minutes, so two processes a few minutes apart can
 disagree by more than the differences being measured. Here every variant is built in one process and the steps
 go round-robin (the order rotates each round: A B C, B C A, C A B, ...), so each round's steps see the same
 machine within seconds. Reported per variant: median CPU time per step, and the median over rounds of the
@@ -14,7 +14,6 @@ ratio to that round's floor step (the paired ratio). Memory figures come from ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_train_step import FULL_SIZES as SIZES  # noqa: E402
 from bench_train_step import build, machine_info, make_step  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_paired_step.json"
-SIZES = {"minilm": (32, 128), "llama20m": (8, 256), "llama100m": (8, 256)}
 
 
 def paired(variants: list[str], model_name: str, rounds: int, warmup: int) -> dict:
@@ -58,7 +58,8 @@ def summary(cpu: dict[str, list[float]]) -> dict:
         if floor is not None and variant != "floor":
             per_round = [t / f for t, f in zip(times, floor)]
             entry["paired_cpu_over_floor"] = statistics.median(per_round)
-            entry["paired_cpu_over_floor_quartiles"] = statistics.quantiles(per_round, n=4)
+            if len(per_round) > 1:
+                entry["paired_cpu_over_floor_quartiles"] = statistics.quantiles(per_round, n=4)
         result[variant] = entry
     for variant in cpu:
         peft = variant.replace("dt-", "peft-", 1)
@@ -88,10 +89,7 @@ def main() -> None:
               "model": args.model, "batch": batch, "seq": seq, "threads": args.threads, "rounds": args.rounds,
               "machine": {**machine_info(), "loadavg_at_start": load_before, "loadavg_at_end": os.getloadavg()},
               "variants": summary(cpu)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, report)
     for variant, entry in report["variants"].items():
         ratio = entry.get("paired_cpu_over_floor")
         print(f"{variant:28s} cpu {entry['median_cpu_s']:.3f} s/step"

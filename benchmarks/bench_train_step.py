@@ -7,7 +7,8 @@ mode, loss = mean square of the last hidden state) on a fixed batch of random to
 Every (model, variant) runs in its own fresh process; rounds alternate the order (A B C .. C B A ..) so slow
 phases of a shared machine hit every variant alike. Per process: median of ``--steps`` timed steps after
 ``--warmup`` warm-up steps, peak RSS (``ru_maxrss``), RSS after building the model, bytes of tensors saved for
-backward in one step (distinct storages, via ``torch.autograd.graph.saved_tensors_hooks``) and the 1-minute load
+backward in one step (distinct storages, via ``torch.autograd.graph.saved_tensors_hooks``), minor page faults per
+timed step (fresh pages the allocator maps: they cost kernel time and cold cache lines) and the 1-minute load
 average before and after. Time is wall-clock and process CPU time per step (CPU time is far less sensitive to
 other jobs on a shared machine; with the default 1 thread it is the work done). Reported: median over rounds. Results: benchmarks/results/bench_train_step.json.
 
@@ -36,6 +37,7 @@ LLAMA = {  # random-init Llama sizes (parameters incl. the 32k-token embedding)
     "llama20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6),
     "llama100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
 }
+FULL_SIZES = {"minilm": (32, 128), "llama20m": (8, 256), "llama100m": (8, 256)}  # (batch, seq) at the sizes
 DEFAULT_VARIANTS = [
     "floor", "full",
     "dt-lora-r8-all-d0.1", "peft-lora-r8-all-d0.1", "dt-lora-r8-all-d0", "peft-lora-r8-all-d0",
@@ -150,6 +152,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.profile:
         return {"variant": args.worker, "profile": profile(step)}
     times, cpu_times = [], []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
@@ -161,6 +164,7 @@ def worker(args: argparse.Namespace) -> dict:
         "saved_for_backward_mb": saved, "rss_after_build_mb": rss_built,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable": sum(p.numel() for p in params), "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
+        "minor_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps,
     }
 
 
@@ -244,8 +248,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    sizes = {"minilm": (32, 128), "llama20m": (8, 256), "llama100m": (8, 256)} if args.full else \
-        {"minilm": (8, 128), "llama20m": (4, 128), "llama100m": (4, 128)}
+    sizes = FULL_SIZES if args.full else {"minilm": (8, 128), "llama20m": (4, 128), "llama100m": (4, 128)}
     models = args.models.split(",") if args.models else (["minilm", "llama20m", "llama100m"] if args.full
                                                          else ["minilm", "llama20m"])
     report = {"benchmark": "training step: deltatune vs HF PEFT vs full FT vs floor", "command": " ".join(sys.argv),

@@ -3,9 +3,12 @@
     .venv/bin/python benchmarks/summarise.py                       # every bench_train_step*.json + inference
     .venv/bin/python benchmarks/summarise.py --log run.log         # also rows a run printed (no JSON yet)
     .venv/bin/python benchmarks/summarise.py --log run.log --save results/x.json   # and keep them as JSON
+    .venv/bin/python benchmarks/summarise.py --time wall results/a.json    # tables for these files only
 
-Times are medians over processes of each process's median step (CPU = process time; one torch thread).
-Ratios are computed here from those medians; nothing is typed in by hand.
+Times are medians over processes of each process's median step (CPU = process time, wall = elapsed).
+Ratios are computed here from those medians, from CPU time by default (robust when the machine is shared by
+1-thread processes) or from wall time with ``--time wall`` (the measure for multi-thread runs on an idle
+machine); nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -48,13 +51,18 @@ def from_log(path: Path) -> dict[str, dict]:
     return out
 
 
-def train_tables(model: str, entry: dict) -> str:
+TIME_KEYS = {"cpu": "median_cpu_s", "wall": "median_step_s"}
+
+
+def train_tables(model: str, entry: dict, time: str = "cpu") -> str:
     summary = entry["summary"]
     floor, full = summary.get("floor"), summary.get("full")
+    key, name_t = TIME_KEYS[time], time if time == "wall" else "CPU"
     lines = [f"### {model}" + (f", batch {entry['batch']} x {entry['seq']}" if entry["batch"] else "")
              + f" ({entry['rounds']} round(s))", "",
-             "| variant | CPU s/step | wall s/step | peak RSS MB | saved for bwd MB | CPU / floor | RSS / floor"
-             " | CPU / PEFT | RSS / PEFT | CPU / full FT | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| variant | CPU s/step | wall s/step | peak RSS MB | saved for bwd MB | {name_t} / floor | RSS / floor"
+             f" | {name_t} / PEFT | RSS / PEFT | {name_t} / full FT | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         peft = summary.get(name.replace("dt-", "peft-", 1)) if name.startswith("dt-") else None
 
@@ -62,8 +70,8 @@ def train_tables(model: str, entry: dict) -> str:
             return f"{s[key] / ref[key]:.2f}" if ref is not None and ref is not s else ""
 
         lines.append(f"| {name} | {s['median_cpu_s']:.3f} | {s['median_step_s']:.3f} | {s['peak_rss_mb']:.0f} | "
-                     f"{s['saved_for_backward_mb']:.0f} | {ratio(floor, 'median_cpu_s')} | {ratio(floor, 'peak_rss_mb')}"
-                     f" | {ratio(peft, 'median_cpu_s')} | {ratio(peft, 'peak_rss_mb')} | {ratio(full, 'median_cpu_s')}"
+                     f"{s['saved_for_backward_mb']:.0f} | {ratio(floor, key)} | {ratio(floor, 'peak_rss_mb')}"
+                     f" | {ratio(peft, key)} | {ratio(peft, 'peak_rss_mb')} | {ratio(full, key)}"
                      f" | {s['loadavg']:.1f} |")
     for name, s in summary.items():
         lora = summary.get(name.replace("dora", "lora"))
@@ -94,7 +102,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log", type=Path, action="append", default=[])
     parser.add_argument("--save", type=Path, help="also write the summaries taken from --log files to this JSON")
+    parser.add_argument("--time", choices=sorted(TIME_KEYS), default="cpu", help="which step time the ratios use")
+    parser.add_argument("paths", type=Path, nargs="*", help="bench_train_step JSON files (default: all in results/)")
     args = parser.parse_args()
+    if args.paths:
+        print("\n\n".join(f"`{path.name}`\n\n" + train_tables(m, e, args.time)
+                           for path in args.paths for m, e in from_json(path).items()))
+        return
     models: dict[str, dict] = {}
     profiles: dict[str, dict] = {}
     for path in sorted(RESULTS.glob("bench_train_step*.json")):
@@ -114,7 +128,7 @@ def main() -> None:
     for model, profile in profiles.items():
         models.setdefault(model, {"batch": None, "seq": None, "summary": {}, "rounds": 0, "profile": {}})
         models[model]["profile"] = {**profile, **models[model]["profile"]}
-    print("\n\n".join(train_tables(m, e) for m, e in models.items()))
+    print("\n\n".join(train_tables(m, e, args.time) for m, e in models.items()))
     if (RESULTS / "bench_inference.json").exists():
         print("\n" + inference_table(RESULTS / "bench_inference.json"))
 

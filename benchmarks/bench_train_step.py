@@ -291,7 +291,9 @@ def machine_info() -> dict:
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "loadavg_at_start": os.getloadavg()}
+            "loadavg_at_start": os.getloadavg(),
+            "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("GLIBC_TUNABLES", "MALLOC_"))
+                              or k == "LD_PRELOAD"}}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training-step time of several variants in one process, step by step in turn: paired ratios to the floor.
 
 ``bench_train_step.py`` runs each variant in its own process, which is what peak RSS needs, but on a shared
-(virtual) machine the speed of a core drifts by 5-10% over minutes, so two processes a few minutes apart can
+(virtual) machine the speed of a core drifts by 5-20% over minutes, so two processes a few minutes apart can
 disagree by more than the differences being measured. Here every variant is built in one process and the steps
 go round-robin (the order rotates each round: A B C, B C A, C A B, ...), so each round's steps see the same
 machine within seconds. Reported per variant, for CPU time and for wall time: the median per step, and the

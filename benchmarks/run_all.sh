@@ -2,10 +2,11 @@
 # Run the speed/memory benchmark suite; results land in benchmarks/results/*.json (summarised in docs/BENCHMARKS.md).
 #   bash benchmarks/run_all.sh            # small sizes (MiniLM 8x128, Llama-20M 4x128): ~20 min on 2 free cores
 #   bash benchmarks/run_all.sh --full     # issue sizes: MiniLM 32x128; random Llama ~20M and ~100M at 8x256
-# --full (about 1.5-2 h of CPU on 2 cores, much longer on a loaded machine), one torch thread per process:
+# --full (about 1.5-2 h on 2 free cores, much longer on a loaded machine), THREADS torch threads per process:
 #   MiniLM: floor, full FT, LoRA r8 all-linear and q,v at dropout 0.1 and 0, LoRA r16 all-linear dropout 0.1,
-#           DoRA r8 all-linear (deltatune and PEFT each), 2 alternated rounds x 10 timed steps; floor / LoRA d0.1, d0 / PEFT d0.1 paired step by step in one
-#           process (16 rounds); then a torch.profiler breakdown (floor, LoRA d0.1/d0, DoRA);
+#           DoRA r8 all-linear (deltatune and PEFT each), 2 alternated rounds x 10 timed steps;
+#           floor / LoRA d0.1, d0 / PEFT d0.1 paired step by step in one process (16 rounds);
+#           then a torch.profiler breakdown (floor, LoRA d0.1/d0, DoRA);
 #   Llama-20M 8x256: floor, full FT, LoRA r8 all-linear dropout 0.1 and 0 (deltatune and PEFT), 2 rounds x 10 steps;
 #   Llama-100M 8x256: floor, deltatune and PEFT LoRA r8 all-linear dropout 0.1, deltatune dropout 0, 1 round x 3
 #           steps (~10 s of CPU per step: 10 steps x 2 rounds would be ~1 h alone);

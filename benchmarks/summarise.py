@@ -54,10 +54,10 @@ def from_log(path: Path) -> dict[str, dict]:
 TIME_KEYS = {"cpu": "median_cpu_s", "wall": "median_step_s"}
 
 
-def train_tables(model: str, entry: dict, time: str = "cpu") -> str:
+def train_tables(model: str, entry: dict, measure: str = "cpu") -> str:
     summary = entry["summary"]
     floor, full = summary.get("floor"), summary.get("full")
-    key, name_t = TIME_KEYS[time], time if time == "wall" else "CPU"
+    key, name_t = TIME_KEYS[measure], "wall" if measure == "wall" else "CPU"
     lines = [f"### {model}" + (f", batch {entry['batch']} x {entry['seq']}" if entry["batch"] else "")
              + f" ({entry['rounds']} round(s))", "",
              f"| variant | CPU s/step | wall s/step | peak RSS MB | saved for bwd MB | {name_t} / floor | RSS / floor"

@@ -20,6 +20,8 @@ Rank-r products are computed transposed (``h^T = A x^T`` [r, tokens], ``(gB)^T =
 [tokens, r] operands make BLAS walk memory with a stride of r.
 Saved for backward: x (only when A needs a gradient), h^T [r, tokens] (only when B does) and the mask (packed
 bits on CPU; off CPU or while compiling, the bool mask); W, b, A, B are parameters and cost nothing to save.
+When x is the output of GELU/SiLU or of a product whose inputs autograd already keeps (FFN down projections),
+references to those inputs are saved instead and x is recomputed in backward (``ops.recompute``).
 With ``weight=None`` the function adds the LoRA branch to a given base output ``out`` instead (several adapters
 on one layer).
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import lora_chunked
+from . import lora_chunked, recompute
 from .dropout import draw_keep, new_stream, seeded, unpack_keep
 
 
@@ -91,12 +93,17 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_out = out is not None
         kept_mask = mask_state if needs_a or needs_x else None
-        ctx.save_for_backward(x if needs_a else None, weight, lora_a, lora_b, ht, kept_mask)
+        rebuild = recompute.plan(x) if needs_a else None
+        ctx.rebuild_op = None if rebuild is None else rebuild[0]
+        ctx.save_for_backward(x if needs_a and rebuild is None else None, weight, lora_a, lora_b, ht, kept_mask,
+                              *(() if rebuild is None else rebuild[1]))
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, ht, kept_mask = ctx.saved_tensors
+        x, weight, lora_a, lora_b, ht, kept_mask, *rebuild_inputs = ctx.saved_tensors
+        if ctx.rebuild_op is not None:
+            x = ctx.rebuild_op(*rebuild_inputs)
         needs_x, needs_out, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
         s, p = ctx.scaling, ctx.p
         lora_dtype = lora_a.dtype

@@ -7,7 +7,7 @@ mode, loss = mean square of the last hidden state) on a fixed batch of random to
 Every (model, variant) runs in its own fresh process; rounds alternate the order (A B C .. C B A ..) so slow
 phases of a shared machine hit every variant alike. Per process: median of ``--steps`` timed steps after
 ``--warmup`` warm-up steps, peak RSS (``ru_maxrss``), RSS after building the model, bytes of tensors saved for
-backward in one step (distinct storages, via ``torch.autograd.graph.saved_tensors_hooks``), minor page faults per
+backward in one step (distinct storages, read from the graph: ``deltatune.ops.saved_bytes``), minor page faults per
 timed step (fresh pages the allocator maps: they cost kernel time and cold cache lines) and the 1-minute load
 average before and after. Time is wall-clock and process CPU time per step (CPU time is far less sensitive to
 other jobs on a shared machine; with the default 1 thread it is the work done). Reported: median over rounds. Results: benchmarks/results/bench_train_step.json.
@@ -112,8 +112,10 @@ def make_step(model, params, batch: int, seq: int):
     ids = torch.randint(1000, 30000, (batch, seq), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
 
-    def step() -> None:
+    def step(after_forward=None) -> None:
         loss = model(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean()
+        if after_forward is not None:
+            after_forward(loss)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -123,18 +125,12 @@ def make_step(model, params, batch: int, seq: int):
 
 
 def saved_for_backward_mb(step) -> float:
-    import torch
+    """MB of distinct storages the step's graph keeps for backward (read from the graph after the forward)."""
+    from deltatune.ops.saved_bytes import saved_tensor_bytes
 
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(storages.values()) / 2**20
+    found: list[int] = []
+    step(after_forward=lambda loss: found.append(saved_tensor_bytes(loss)))
+    return found[0] / 2**20
 
 
 def worker(args: argparse.Namespace) -> dict:

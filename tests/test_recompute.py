@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import deltatune as dt
 from deltatune.ops import keep_mask, lora_linear, lora_linear_reference, recompute
+from deltatune.ops.saved_bytes import saved_tensor_bytes
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PRODUCERS = {
@@ -85,24 +86,6 @@ def test_input_changed_in_place_after_the_layer_is_an_autograd_error() -> None:
         y.sum().backward()
 
 
-def _graph_saved_bytes(out: torch.Tensor) -> int:
-    """Bytes of the distinct storages that the autograd graph behind ``out`` keeps for backward."""
-    storages: dict[int, int] = {}
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        saved = list(getattr(node, "saved_tensors", ()) or ())
-        saved += [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
-        for t in saved:
-            if isinstance(t, torch.Tensor):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        todo += [next_node for next_node, _ in node.next_functions]
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_wrapped_bert_step_keeps_no_ffn_input_and_matches_unfused(dropout: float) -> None:
     """BERT's FFN output projection reads gelu(u): the fused step keeps exactly those inputs' bytes less than
@@ -122,7 +105,7 @@ def test_wrapped_bert_step_keeps_no_ffn_input_and_matches_unfused(dropout: float
             if mode == "no rebuild":
                 patch.setattr(recompute, "plan", lambda x: None)
             out = model(input_ids=ids).last_hidden_state
-            saved[mode] = _graph_saved_bytes(out)
+            saved[mode] = saved_tensor_bytes(out)
             out.square().mean().backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     ffn_inputs = 2 * 64 * 64 * 4  # 2 layers, 64 tokens, intermediate width 64, float32

@@ -5,7 +5,8 @@
 # --full (about 1.5-2 h on 2 free cores, much longer on a loaded machine), THREADS torch threads per process:
 #   MiniLM: floor, full FT, LoRA r8 all-linear and q,v at dropout 0.1 and 0, LoRA r16 all-linear dropout 0.1,
 #           DoRA r8 all-linear (deltatune and PEFT each), 2 alternated rounds x 10 timed steps;
-#           floor / LoRA d0.1, d0 / PEFT d0.1 paired step by step in one process (16 rounds);
+#           floor / LoRA d0.1, d0 / PEFT d0.1 paired step by step in one process (16 rounds); the time cost of
+#           rebuilding FFN inputs in backward (paired, 10 rounds);
 #           then a torch.profiler breakdown (floor, LoRA d0.1/d0, DoRA);
 #   Llama-20M 8x256: floor, full FT, LoRA r8 all-linear dropout 0.1 and 0 (deltatune and PEFT), 2 rounds x 10 steps;
 #   Llama-100M 8x256: floor, deltatune and PEFT LoRA r8 all-linear dropout 0.1, deltatune dropout 0, 1 round x 3
@@ -14,7 +15,7 @@
 # (DoRA vs PEFT DoRA is in the MiniLM training-step set.)
 # THREADS=2 (default 1) sets torch threads per process: 2 is the issue's setting (wall time on an idle machine),
 # 1 keeps CPU-time ratios meaningful when other jobs share the machine.
-# Set SUITE_SKIP="llama100m inference" (any of minilm paired profile llama20m llama100m inference) to leave parts out.
+# Set SUITE_SKIP="llama100m inference" (any of minilm paired rebuild profile llama20m llama100m inference) to leave parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -30,6 +31,7 @@ if [[ "${1:-}" == "--full" ]]; then
     --out $R/bench_train_step_minilm.json --no-profile
   run paired $PY benchmarks/bench_paired_step.py --rounds 16 $T \
     --variants floor,dt-lora-r8-all-d0.1,dt-lora-r8-all-d0,peft-lora-r8-all-d0.1 --out $R/bench_paired_step.json
+  run rebuild $PY benchmarks/bench_rebuild_cost.py --rounds 10 $T --out $R/bench_rebuild_cost.json
   run profile $PY benchmarks/bench_train_step.py --full --models minilm --profile-only $T \
     --variants floor,dt-lora-r8-all-d0.1,dt-lora-r8-all-d0,dt-dora-r8-all-d0 --out $R/bench_train_step_profile.json
   run llama20m $PY benchmarks/bench_train_step.py --full --models llama20m --rounds 2 --steps 10 --warmup 2 $T \

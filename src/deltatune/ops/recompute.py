@@ -5,7 +5,7 @@ it costs a [tokens, in] tensor per adapted layer. When x is the direct output of
 backward already holds that op's inputs, the fused op saves references to those inputs (no new memory) and
 recomputes x in backward with the same op on the same tensors, which gives the same values:
 
-* ``x = gelu(u)`` (any ``approximate``) or ``x = silu(u)``: autograd keeps u; x is rebuilt as ``gelu(u)``;
+* ``x = gelu(u)`` (any ``approximate``) or ``x = silu(u)``: autograd keeps u; x is rebuilt as ``act(u)``;
 * ``x = a * b`` with both factors requiring grad: autograd keeps a and b (Llama's gated MLP ``act(gate) * up``
   and GPT-2's tanh GELU end this way); x is rebuilt as ``a * b``.
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import deltatune as dt
 from deltatune.ops import keep_mask, lora_linear, lora_linear_reference, recompute
+from deltatune.ops.dora import dora_linear, dora_linear_reference
 from deltatune.ops.saved_bytes import saved_tensor_bytes
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -49,6 +50,23 @@ def test_rebuilt_input_gives_the_plain_formula_and_is_not_saved(producer: str, p
     upstream = torch.randn_like(y)
     tensors = [u, w, a, b] if producer == "mul" else [u, a, b]
     fast = torch.autograd.grad(y, tensors, upstream, retain_graph=True)  # x's producer is shared with ref
+    for got, want in zip(fast, torch.autograd.grad(ref, tensors, upstream)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("producer", ["gelu", "mul"])
+def test_dora_rebuilds_its_input_too(producer: str) -> None:
+    u, w, weight, bias, a, b = _inputs()
+    magnitude = (weight.norm(dim=1) * 1.1).requires_grad_()
+    norm = (weight + 0.5 * b @ a).norm(dim=1)
+    x = PRODUCERS[producer](u, w)
+    y = dora_linear(x, weight, bias, a, b, magnitude, norm, 0.5)
+    assert x.untyped_storage().data_ptr() not in _saved_storages(y)
+    ref = dora_linear_reference(x, weight, bias, a, b, magnitude, norm, 0.5)
+    torch.testing.assert_close(y, ref, **TOL)
+    tensors = [u, a, b, magnitude] + ([w] if producer == "mul" else [])
+    upstream = torch.randn_like(y)
+    fast = torch.autograd.grad(y, tensors, upstream, retain_graph=True)
     for got, want in zip(fast, torch.autograd.grad(ref, tensors, upstream)):
         torch.testing.assert_close(got, want, **TOL)
 

@@ -9,13 +9,16 @@ Forward: one [tokens, in] x [in, out] matmul ``u = x V^T`` (V rebuilt from W, A,
 ``grad_A = s (g diag(g) B)^T x`` with h = x A^T: the g-scaling lands on the small [out, in] / [out, r]
 matrices, not on [tokens, out]; ``grad_m = sum_tokens(grad * u) / n`` is the only extra [tokens, out] pass.
 Rank-r products are computed transposed (``h^T = A x^T``, ``grad_B = (h^T grad)^T``; 3-6x faster on CPU for small r).
-Saved for backward: x (if A trains), h^T [r, tokens] (if B trains), u [tokens, out] (if m trains).
+Saved for backward: x (if A trains; rebuilt in backward instead when ``ops.recompute`` can), h^T [r, tokens]
+(if B trains), u [tokens, out] (if m trains).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import recompute
 
 
 def _direction(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -33,13 +36,18 @@ class _DoraLinearFn(torch.autograd.Function):
         y = u * gain if bias is None else torch.addcmul(bias, u, gain)
         ht = lora_a @ x.reshape(-1, in_features).T if needs_b else None  # h^T [r, tokens]
         ctx.scaling, ctx.x_shape = scaling, x.shape
-        ctx.save_for_backward(x if needs_a else None, weight, lora_a, lora_b, ht, u if needs_m else None, gain, norm)
+        rebuild = recompute.plan(x) if needs_a else None
+        ctx.rebuild_op = None if rebuild is None else rebuild[0]
+        ctx.save_for_backward(x if needs_a and rebuild is None else None, weight, lora_a, lora_b, ht,
+                              u if needs_m else None, gain, norm, *(() if rebuild is None else rebuild[1]))
         del needs_x
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, ht, u, gain, norm = ctx.saved_tensors
+        x, weight, lora_a, lora_b, ht, u, gain, norm, *rebuild_inputs = ctx.saved_tensors
+        if ctx.rebuild_op is not None:
+            x = ctx.rebuild_op(*rebuild_inputs)
         needs_x, _, _, needs_a, needs_b, needs_m = ctx.needs_input_grad[:6]
         s = ctx.scaling
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]

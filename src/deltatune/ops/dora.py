@@ -36,18 +36,15 @@ class _DoraLinearFn(torch.autograd.Function):
         y = u * gain if bias is None else torch.addcmul(bias, u, gain)
         ht = lora_a @ x.reshape(-1, in_features).T if needs_b else None  # h^T [r, tokens]
         ctx.scaling, ctx.x_shape = scaling, x.shape
-        rebuild = recompute.plan(x) if needs_a else None
-        ctx.rebuild_op = None if rebuild is None else rebuild[0]
-        ctx.save_for_backward(x if needs_a and rebuild is None else None, weight, lora_a, lora_b, ht,
-                              u if needs_m else None, gain, norm, *(() if rebuild is None else rebuild[1]))
+        ctx.save_for_backward(weight, lora_a, lora_b, ht, u if needs_m else None, gain, norm,
+                              *recompute.save_input(ctx, x, needs_a))
         del needs_x
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, ht, u, gain, norm, *rebuild_inputs = ctx.saved_tensors
-        if ctx.rebuild_op is not None:
-            x = ctx.rebuild_op(*rebuild_inputs)
+        weight, lora_a, lora_b, ht, u, gain, norm, *saved_x = ctx.saved_tensors
+        x = recompute.load_input(ctx, saved_x)
         needs_x, _, _, needs_a, needs_b, needs_m = ctx.needs_input_grad[:6]
         s = ctx.scaling
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]

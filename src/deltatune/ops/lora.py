@@ -93,17 +93,13 @@ class _LoraLinearFn(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_out = out is not None
         kept_mask = mask_state if needs_a or needs_x else None
-        rebuild = recompute.plan(x) if needs_a else None
-        ctx.rebuild_op = None if rebuild is None else rebuild[0]
-        ctx.save_for_backward(x if needs_a and rebuild is None else None, weight, lora_a, lora_b, ht, kept_mask,
-                              *(() if rebuild is None else rebuild[1]))
+        ctx.save_for_backward(weight, lora_a, lora_b, ht, kept_mask, *recompute.save_input(ctx, x, needs_a))
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, ht, kept_mask, *rebuild_inputs = ctx.saved_tensors
-        if ctx.rebuild_op is not None:
-            x = ctx.rebuild_op(*rebuild_inputs)
+        weight, lora_a, lora_b, ht, kept_mask, *saved_x = ctx.saved_tensors
+        x = recompute.load_input(ctx, saved_x)
         needs_x, needs_out, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
         s, p = ctx.scaling, ctx.p
         lora_dtype = lora_a.dtype

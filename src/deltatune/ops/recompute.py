@@ -67,3 +67,16 @@ def plan(x: torch.Tensor) -> Rebuild | None:
             return None
         return torch.mul, (a, b)
     return None
+
+
+def save_input(ctx, x: torch.Tensor, needed: bool) -> tuple[torch.Tensor | None, ...]:
+    """The tensors to hand ``ctx.save_for_backward`` (last) for x: the rebuild's inputs when ``plan`` finds
+    one, else ``(x,)``, or ``(None,)`` when backward does not need x. Pair with ``load_input``."""
+    rebuild = plan(x) if needed else None
+    ctx.rebuild_op = None if rebuild is None else rebuild[0]
+    return (x if needed else None,) if rebuild is None else rebuild[1]
+
+
+def load_input(ctx, saved: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """x in backward, from what ``save_input`` returned (rebuilt here when it was not saved)."""
+    return saved[0] if ctx.rebuild_op is None else ctx.rebuild_op(*saved)

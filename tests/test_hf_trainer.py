@@ -166,3 +166,28 @@ def test_delta_trainer_needs_a_delta_model(tmp_path):
 
     with pytest.raises(ConfigError, match="DeltaModel"):
         DeltaTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+
+
+def test_default_arguments_evaluate_with_eval_loss_and_load_the_best_adapter(tmp_path):
+    """Trainer finds ``labels`` through the base model (PEFT's model gets ['labels'] too), so evaluate() reports
+    eval_loss and load_best_model_at_end works with the default metric_for_best_model ("loss")."""
+    from transformers import TrainingArguments
+
+    model = dt.wrap(tiny_bert(), dt.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"]))
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2,
+        eval_steps=2, eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True, report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = DeltaTrainer(model=model, args=arguments, train_dataset=dataset(), eval_dataset=dataset(8))
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    rows = [dataset(8)[i] for i in range(8)]
+    batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        model.eval()
+        expected = model(**batch).loss.item()
+    assert abs(metrics["eval_loss"] - expected) <= 1e-5
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith(("checkpoint-2", "checkpoint-4"))

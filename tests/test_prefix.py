@@ -12,8 +12,19 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+from deltatune.kvcache import output_cache
 from deltatune.methods.virtual_tokens import HOST_NAME
-from virtual_tokens_helpers import MODELS, assert_generate_equals_greedy_and_peft, batch, make_pair, module
+from virtual_tokens_helpers import (
+    MODELS,
+    PEFT_ENCODER_PREFIX_BROKEN,
+    PEFT_GENERATE_BROKEN,
+    PEFT_PREDATES_CACHE_RENAME,
+    assert_generate_equals_greedy,
+    assert_generate_equals_peft,
+    batch,
+    make_pair,
+    module,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -35,6 +46,8 @@ def pair(base: torch.nn.Module, method: str, task: str) -> tuple[dt.DeltaModel, 
 @pytest.mark.parametrize("method", list(OURS))
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_outputs_equal_peft(arch: str, method: str) -> None:
+    if arch == "bert" and PEFT_PREDATES_CACHE_RENAME:
+        pytest.skip(PEFT_ENCODER_PREFIX_BROKEN)
     make, task = MODELS[arch]
     ours, theirs = pair(make(), method, task)
     inputs = batch()
@@ -47,6 +60,7 @@ def test_outputs_equal_peft(arch: str, method: str) -> None:
         assert (ours(**inputs).logits - a).abs().max().item() > 1e-3
 
 
+@pytest.mark.skipif(PEFT_PREDATES_CACHE_RENAME, reason=PEFT_ENCODER_PREFIX_BROKEN)
 def test_minilm_classification_equals_peft(minilm_cls) -> None:
     ours, theirs = pair(minilm_cls, "v2", "SEQ_CLS")
     inputs = batch(30000)
@@ -64,10 +78,19 @@ def test_gqa_prefix_shapes_follow_key_value_heads() -> None:
 
 @pytest.mark.parametrize("method", list(OURS))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_generate_equals_greedy_without_cache_and_peft(arch: str, method: str) -> None:
+def test_generate_equals_greedy_without_cache(arch: str, method: str) -> None:
+    make, task = MODELS[arch]
+    ours, _ = pair(make(), method, task)
+    assert_generate_equals_greedy(ours)
+
+
+@pytest.mark.parametrize("method", list(OURS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.skipif(PEFT_PREDATES_CACHE_RENAME, reason=PEFT_GENERATE_BROKEN)
+def test_generate_equals_peft(arch: str, method: str) -> None:
     make, task = MODELS[arch]
     ours, theirs = pair(make(), method, task)
-    assert_generate_equals_greedy_and_peft(ours, theirs)
+    assert_generate_equals_peft(ours, theirs)
 
 
 def test_manual_decoding_with_returned_cache_equals_full_forward() -> None:
@@ -76,8 +99,8 @@ def test_manual_decoding_with_returned_cache_equals_full_forward() -> None:
     with torch.no_grad():
         full = model(input_ids=ids).logits
         first = model(input_ids=ids[:, :5], use_cache=True)
-        assert first.past_key_values.get_seq_length() == P + 5
-        rest = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values, attention_mask=torch.ones(2, 8)).logits
+        assert output_cache(first).get_seq_length() == P + 5
+        rest = model(input_ids=ids[:, 5:], past_key_values=output_cache(first), attention_mask=torch.ones(2, 8)).logits
     assert (torch.cat([first.logits, rest], 1) - full).abs().max().item() <= 1e-5
 
 
@@ -160,7 +183,10 @@ def test_files_load_both_ways(tmp_path, arch: str, method: str) -> None:
     again = dt.load(make(), tmp_path / "ours").eval()
     assert type(from_peft.configs["default"]) is type(OURS[method]())
     with torch.no_grad():
-        assert (peft_loaded(**inputs).logits - reference).abs().max().item() <= 1e-5
+        if arch == "bert" and PEFT_PREDATES_CACHE_RENAME:  # PEFT_ENCODER_PREFIX_BROKEN: compare what PEFT read
+            assert torch.equal(peft_loaded.prompt_encoder["default"].embedding.weight, mine["prompt_embeddings"])
+        else:
+            assert (peft_loaded(**inputs).logits - reference).abs().max().item() <= 1e-5
         assert (from_peft(**inputs).logits - reference).abs().max().item() <= 1e-5
         assert (again(**inputs).logits - reference).abs().max().item() <= 1e-6
     again.save(tmp_path / "again")
@@ -187,11 +213,11 @@ def test_lora_plus_prefix_equals_merged_lora_with_same_prefix() -> None:
         assert (model(**inputs).logits - both).abs().max().item() <= 1e-5
 
 
-def test_model_without_past_key_values_is_refused() -> None:
+def test_model_without_a_kv_cache_is_refused() -> None:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=4))
-    with pytest.raises(dt.TargetError, match="DistilBertForSequenceClassification does not take past_key_values"):
+    with pytest.raises(dt.TargetError, match="DistilBertForSequenceClassification takes no KV cache"):
         dt.wrap(model, dt.PrefixTuningConfig(num_virtual_tokens=P))
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(dt.ConfigError, match="takes no targets"):

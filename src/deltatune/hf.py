@@ -28,6 +28,7 @@ from .model import DeltaModel
 
 try:
     from transformers import Trainer
+    from transformers.utils import can_return_loss, find_labels
 except ImportError as error:  # pragma: no cover - transformers is an optional extra
     raise ImportError("deltatune.hf needs transformers: pip install 'deltatune[hf]'") from error
 
@@ -126,6 +127,10 @@ class DeltaTrainer(Trainer):
                 "tensors); use DDP (the default under torchrun / accelerate launch) or deltatune train --shard"
             )
         self.model_accepts_loss_kwargs = base_accepts_loss_kwargs(model)
+        # Trainer reads label names off the model class's forward, which for DeltaModel is (*args, **kwargs)
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(model.model))
+        self.can_return_loss = can_return_loss(type(model.model))
         if self.args.gradient_checkpointing:
             enable_input_require_grads(model)
 

@@ -11,7 +11,6 @@ step-by-step decoding see it as P already-cached positions.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
+from ..kvcache import cache_arg
 from .virtual_tokens import VirtualTokenConfig, model_dims
 
 
@@ -65,18 +65,12 @@ class PrefixEncoder(nn.Module):
 
 
 def check_prefix_support(root: nn.Module) -> None:
-    """A prefix goes in through ``past_key_values``: the model (or its backbone, via ``**kwargs``) must take it."""
-    params = inspect.signature(root.forward).parameters
-    if "past_key_values" in params:
-        return
-    backbone = getattr(root, getattr(root, "base_model_prefix", "") or "_", None)
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if var_kw and isinstance(backbone, nn.Module) and "past_key_values" in inspect.signature(backbone.forward).parameters:
-        return
-    raise TargetError(
-        f"{type(root).__name__} does not take past_key_values, so it cannot carry a key/value prefix; "
-        f"use prompt tuning (PromptTuningConfig) or P-tuning (PTuningConfig) for this model family"
-    )
+    """A prefix goes in through the KV cache: the model (or its backbone, via ``**kwargs``) must take one."""
+    if cache_arg(root) is None:
+        raise TargetError(
+            f"{type(root).__name__} takes no KV cache (neither cache nor past_key_values), so it cannot carry a "
+            f"key/value prefix; use prompt tuning (PromptTuningConfig) or P-tuning (PTuningConfig) for this model family"
+        )
 
 
 @dataclass

@@ -8,6 +8,9 @@ rewrites the call's keyword arguments for the active adapters, which also covers
 * prompt kind (``kind = "prompt"``): ``inputs_embeds = [prompt; embed(input_ids)]`` on the first (prefill) call;
 * prefix kind (``kind = "prefix"``): per-layer key/value prefixes written into the (empty) KV cache on prefill.
 
+The cache arrives as ``cache=`` (transformers >= 5.25) or ``past_key_values=`` and leaves under the name the model
+takes (``kvcache.py``): a decode step is told from a prefill by the cache's length, whichever name it came under.
+
 With ``V`` virtual tokens in all, on every call the 2-D ``attention_mask`` gets ``V`` leading ones, ``position_ids``
 (and ``cache_position`` when given) are shifted by ``V``, and on prefill ``labels`` get ``-100`` and
 ``token_type_ids`` get ``0`` for the prompt-kind positions (only per-token labels [batch, seq]; sequence labels are
@@ -27,6 +30,7 @@ from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import ConfigError, TargetError
+from ..kvcache import pop_cache, put_cache
 from ..layers import AdapterHost, TrainableCopies
 from ..targets import resolve_modules_to_save
 
@@ -105,15 +109,15 @@ def add_virtual_tokens(root: nn.Module, kwargs: dict[str, Any], modules: list[nn
     if ref is None:
         raise ConfigError("prompt/prefix adapters need input_ids or inputs_embeds")
     batch, device = ref.shape[0], ref.device
-    cache = kwargs.get("past_key_values")
+    out = dict(kwargs)
+    cache = pop_cache(out)
     if cache is not None and not isinstance(cache, Cache):
-        raise ConfigError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a legacy tuple")
+        raise ConfigError("the KV cache must be a transformers Cache (e.g. DynamicCache), not a legacy tuple")
     prefill = cache is None or cache.get_seq_length() == 0
     prompts = [m for m in modules if m.kind == "prompt"]
     prefixes = [m for m in modules if m.kind == "prefix"]
     n_kv = sum(m.num_virtual_tokens for m in prefixes)
     n_total = n_kv + sum(m.num_virtual_tokens for m in prompts)
-    out = dict(kwargs)
     mask = kwargs.get("attention_mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -122,7 +126,7 @@ def add_virtual_tokens(root: nn.Module, kwargs: dict[str, Any], modules: list[nn
     if prefill and prefixes:
         cache = cache if cache is not None else DynamicCache(config=getattr(root, "config", None))
         write_prefix(cache, prefixes, batch, device, input_embeddings(root).weight.dtype)
-        out["past_key_values"] = cache
+    put_cache(out, root, cache)
     if prefill and prompts:
         if embeds is None:
             embeds = root.get_input_embeddings()(ids)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..kvcache import pop_cache, put_cache
 from .mixed import row_names
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -127,12 +128,12 @@ def mixed_virtual_tokens(
     prefix, virtual = row_counts(rows, adapters)
     check_exact(root, signature, rows, prefix, virtual)
     big_p, big_v = max(prefix), max(virtual)
-    cache = kwargs.get("past_key_values")
+    out = dict(kwargs)
+    cache = pop_cache(out)
     if cache is not None and not isinstance(cache, Cache):
-        raise ConfigError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a legacy tuple")
+        raise ConfigError("the KV cache must be a transformers Cache (e.g. DynamicCache), not a legacy tuple")
     past = cache.get_seq_length() if cache is not None else 0
     prefill = past == 0
-    out = dict(kwargs)
     lead = lead_mask(prefix, virtual, device)
     mask = kwargs.get("attention_mask")
     if mask is not None:
@@ -145,7 +146,7 @@ def mixed_virtual_tokens(
     if prefill and big_p:
         cache = cache if cache is not None else DynamicCache(config=getattr(root, "config", None))
         write_mixed_prefix(cache, adapters, rows, prefix, device, input_embeddings(root).weight.dtype)
-        out["past_key_values"] = cache
+    put_cache(out, root, cache)
     if prefill and big_v:
         if embeds is None:
             embeds = root.get_input_embeddings()(ids)

@@ -101,16 +101,63 @@ def test_embedding_target_is_refused():
         dt.wrap(bert(), dt.LoraConfig(r=2, targets=["word_embeddings"], init="pissa"))
 
 
-def test_unconverted_peft_pissa_file_loads_and_saves_as_read(tmp_path):
-    base = bert()
-    theirs = peft.get_peft_model(
-        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], init_lora_weights="pissa"))
-    theirs.save_pretrained(tmp_path / "peft")  # A, B relative to PEFT's residual base, as PEFT writes them
-    loaded = dt.load(copy.deepcopy(base), tmp_path / "peft")
-    assert loaded.configs["default"].init == "pissa"
-    loaded.save(tmp_path / "again")
-    from safetensors.torch import load_file
+def trained_peft_file(base, folder, init: str, targets: list[str], **extra) -> torch.Tensor:
+    """A PEFT PiSSA/OLoRA model whose A, B moved from their init (as training would), saved unconverted; returns
+    the logits PEFT's own model gives."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, **extra))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        theirs.save_pretrained(folder)  # A, B relative to PEFT's residual base, as PEFT writes them
+        return theirs(input_ids=ids()).logits
 
-    first = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    second = load_file(tmp_path / "again" / "adapter_model.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+# (PEFT's own OLoRA model on GPT-2's Conv1D fails in its forward, so there is no oracle for that pair)
+@pytest.mark.parametrize(("arch", "init"), [("bert", "pissa"), ("bert", "olora"), ("gpt2", "pissa")])
+def test_unconverted_peft_file_loads_with_peft_s_outputs(tmp_path, arch, init):
+    """PEFT re-derives the residual base when it loads such a file; we load the equivalent plain rank-2r LoRA on the
+    untouched base: the same outputs as PEFT's model (and PEFT's reload), the base weights unchanged, and the file we
+    save is that plain LoRA, which PEFT loads with the same outputs."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import tiny_gpt2
+
+    if arch == "bert":
+        torch.manual_seed(0)
+        base = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=2, num_attention_heads=4)).eval()
+        targets, extra = ["query", "value"], {"use_rslora": True}
+    else:
+        base, targets, extra = tiny_gpt2(), ["c_attn"], {"fan_in_fan_out": True}
+    expected = trained_peft_file(base, tmp_path / "peft", init, targets, **extra)
+    pristine = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        peft_reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+        assert (peft_reloaded(input_ids=ids()).logits - expected).abs().max() <= 1e-5
+        loaded = dt.load(base, tmp_path / "peft").eval()
+        assert (loaded(input_ids=ids()).logits - expected).abs().max() <= 1e-5
+        with loaded.disable_adapters():
+            assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items() if "lora" not in k)
+    config = loaded.configs["default"]
+    assert (config.init, config.r, config.rslora) == ("kaiming", 8, arch == "bert")
+    loaded.save(tmp_path / "ours")
+    data = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert data["init_lora_weights"] is True and data["r"] == 8
+    with torch.no_grad():
+        from_ours = peft.PeftModel.from_pretrained(pristine, tmp_path / "ours").eval()
+        assert (from_ours(input_ids=ids()).logits - expected).abs().max() <= 1e-5
+
+
+def test_randomized_pissa_file_is_refused_with_the_recipe(tmp_path):
+    base = bert()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query"], init_lora_weights="pissa_niter_4"))
+    theirs.save_pretrained(tmp_path / "peft")
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(dt.ConfigError, match="randomized SVD.*path_initial_model_for_weight_conversion"):
+        dt.load(base, tmp_path / "peft")
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())

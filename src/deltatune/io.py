@@ -19,6 +19,7 @@ from torch import nn
 from .config import DeltaConfig, config_from_peft_dict
 from .errors import AdapterFileError, ConfigError, DeltatuneError
 from .layers import DeltaLayer, TrainableCopies
+from .methods.lora_init import PRINCIPAL_INITS, principal_file_as_plain_lora
 from .model import DeltaModel, bias_parameter_paths
 
 CONFIG_NAME = "adapter_config.json"
@@ -233,6 +234,11 @@ def load(
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     config = read_config(directory)
     tensors = read_tensors(directory, allow_bin=allow_bin, prefix=getattr(config, "file_prefix", PREFIX))
+    if getattr(config, "init", None) in PRINCIPAL_INITS:  # an unconverted PiSSA/OLoRA file: see lora_init
+        if config.method != "lora":
+            raise AdapterFileError(f"{directory}: init {config.init!r} is supported for plain LoRA files only")
+        root = model.model if isinstance(model, DeltaModel) else model
+        config, tensors = principal_file_as_plain_lora(root, config, tensors)
     if hasattr(config, "for_loading"):  # the form whose live tensors the file fills (e.g. a prompt without encoder)
         loading_config = config.for_loading()
     else:

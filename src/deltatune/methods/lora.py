@@ -125,6 +125,13 @@ class LoraConfig(LayerDeltaConfig):
                 return "kaiming"
             if value is False:
                 return "random"
+            if str(value).lower().startswith("pissa_niter_"):
+                raise ConfigError(
+                    f"init_lora_weights {value!r}: PiSSA from a randomized SVD cannot be re-derived from the base "
+                    f"weights; convert the adapter with PEFT first (save_pretrained(out, "
+                    f"path_initial_model_for_weight_conversion=<the adapter saved right after init>)), or merge it "
+                    f"there (merge_and_unload) and use the merged model"
+                )
             return str(value).lower()
         if name == "fan_in_fan_out":
             return None  # always detected per layer from its type; the file value only informs PEFT

@@ -19,9 +19,10 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from ..errors import TargetError
-from ..layers import DeltaLayer
+from ..errors import AdapterFileError, TargetError
+from ..layers import DeltaLayer, layer_kind
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
@@ -88,3 +89,60 @@ def export_plain_lora(
     data["alpha_pattern"] = {k: factor * v for k, v in (data.get("alpha_pattern") or {}).items()}
     data["init_lora_weights"] = True
     return data, tensors
+
+
+def _original_weight(root: nn.Module, path: str, init: str) -> torch.Tensor:
+    """W0 [out, in] of the layer at ``path`` of the model a file is loaded onto (before any adapter of that file)."""
+    try:
+        module = root.get_submodule(path)
+    except AttributeError as error:
+        raise AdapterFileError(f"the {init} adapter targets '{path}', which this model does not have") from error
+    if isinstance(module, DeltaLayer):
+        if module.merged:
+            raise AdapterFileError(f"'{path}' has merged adapters; unmerge them before loading a {init} adapter")
+        module = module.base_layer
+    kind = layer_kind(module)
+    weight = getattr(module, "weight", None)
+    if kind not in ("linear", "conv1d_t") or not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+        raise AdapterFileError(
+            f"the {init} adapter needs the plain float weight of '{path}' to re-derive its factors; load it onto the "
+            f"unquantized base model (quantize afterwards)"
+        )
+    return weight.detach().T if kind == "conv1d_t" else weight.detach()
+
+
+def principal_file_as_plain_lora(
+    root: nn.Module, config: Any, tensors: dict[str, torch.Tensor]
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """An unconverted PiSSA/OLoRA file rewritten as the plain rank-2r LoRA on the untouched base.
+
+    Such a file (PEFT's ``init_lora_weights: "pissa" | "olora"``, saved without conversion) holds A, B trained
+    against the residual base ``W0 - s B0 A0``, with A0, B0 the principal factors of the original W0. PEFT re-derives
+    that residual when it loads the file; we re-derive A0, B0 the same way (``principal_factors``) and load the
+    equivalent plain LoRA that PEFT's own conversion writes, ``A' = [A; A0]``, ``B' = [B, -B0]`` with r and alpha
+    doubled (alpha * sqrt 2 for rsLoRA): ``s B' A' = s (B A - B0 A0)``, the same function, and W0 stays untouched.
+    """
+    from .lora import pattern_value
+
+    out = dict(tensors)
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        b = tensors.get(f"{path}.lora_B.weight")
+        r = pattern_value(config.rank_pattern, path, config.r)
+        if b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise AdapterFileError(f"the {config.init} adapter's factors for '{path}' are missing or not of rank {r}")
+        weight = _original_weight(root, path, config.init)
+        if r > min(weight.shape) or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            raise AdapterFileError(f"the {config.init} adapter's '{path}' does not fit weight {tuple(weight.shape)}")
+        a0, b0 = principal_factors(weight, r, config.scaling(path), config.init)
+        out[key] = torch.cat((a, a0.to(a.dtype)), dim=0)
+        out[f"{path}.lora_B.weight"] = torch.cat((b, -b0.to(b.dtype)), dim=1)
+    factor = math.sqrt(2) if config.rslora else 2
+    plain = config.replace(
+        init="kaiming", r=2 * config.r, alpha=factor * config.alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()},
+    )
+    return plain, out

@@ -66,6 +66,25 @@ def test_eval_merge_and_plain_transformers_agree(trained, data_dir, tmp_path, ca
     assert logits.std() > 0  # the adapter and head really changed the outputs
 
 
+def test_merge_needs_no_tokenizer(trained, tiny_model, tmp_path):
+    """A base folder with weights only (no tokenizer files) merges to the same weights; the output has no tokenizer."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in Path(tiny_model).iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, bare / f.name)
+    assert main(["merge", "--adapter", str(trained), "--out", str(tmp_path / "with")]) == 0
+    assert main(["merge", "--adapter", str(trained), "--model", str(bare), "--out", str(tmp_path / "without")]) == 0
+    a = load_file(tmp_path / "with" / "model.safetensors")
+    b = load_file(tmp_path / "without" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "without" / "tokenizer_config.json").exists()
+
+
 def test_baseline_run_evals_and_merges(data_dir, tiny_model, tmp_path, capsys):
     out = tmp_path / "last"
     assert main(["train", "--data", str(data_dir), "--model", tiny_model, "--method", "last-layers", "--k", "1",

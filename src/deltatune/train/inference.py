@@ -20,7 +20,7 @@ from .artifacts import (
     load_trained,
     read_stack,
 )
-from .models import load_model, load_tokenizer, quiet_transformers, resolve_model
+from .models import ModelError, load_model, load_tokenizer, quiet_transformers, resolve_model
 from .run import prepare_data, read_run
 from .settings import RunSettings
 from .tasks import evaluate
@@ -72,20 +72,23 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
 
 
 def load_for_inference(
-    model_name: str | None, adapter: Path | None, task: str | None, labels: Any, seed: int = 0, quantize: str | None = None
+    model_name: str | None, adapter: Path | None, task: str | None, labels: Any, seed: int = 0, quantize: str | None = None,
+    need_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any, str, Any]:
-    """(model with the trained weights applied, tokenizer, task, labels)."""
+    """(model with the trained weights applied, tokenizer, task, labels); the tokenizer is None when the base folder
+    has none and ``need_tokenizer`` is False (merging needs only weights)."""
     quiet_transformers()
     info = artifact_info(adapter)
     name = model_name or info.get("model")
     if not name:
         raise ConfigError("pass --model (the base model the adapter was trained on)")
     path = resolve_model(name)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path) if need_tokenizer else optional_tokenizer(path)
     task = task or info.get("task") or "classification"
     labels = labels if labels is not None else info.get("labels")
     num = labels if isinstance(labels, int) else len(labels) if labels else 2
-    model, _ = load_model(path, task, num, labels if isinstance(labels, list) else None, seed, tokenizer.pad_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    model, _ = load_model(path, task, num, labels if isinstance(labels, list) else None, seed, pad_id)
     quantize = quantize or info.get("quantize")
     if quantize:
         from .models import quantize_base
@@ -95,6 +98,14 @@ def load_for_inference(
         model = load_trained(model, adapter)
     model.eval()
     return model, tokenizer, task, labels
+
+
+def optional_tokenizer(path: str) -> Any:
+    """The model folder's tokenizer, or None when it has none."""
+    try:
+        return load_tokenizer(path)
+    except (ModelError, OSError, ValueError, TypeError):
+        return None
 
 
 def run_eval(args: Any) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def run_merge(args: Any) -> tuple[Path, list[str]]:
     with a ``stack.json`` listing them: ``deltatune eval --adapter <out>`` then runs the merged model with them.
     A stack with no mergeable part, like a single unmergeable method, is refused."""
     adapter = Path(args.adapter)
-    model, tokenizer, task, labels = load_for_inference(args.model, adapter, args.task, None)
+    model, tokenizer, task, labels = load_for_inference(args.model, adapter, args.task, None, need_tokenizer=False)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
@@ -163,7 +174,8 @@ def run_merge(args: Any) -> tuple[Path, list[str]]:
         info = {"adapters": kept, "merged": merged, "method": "+".join(names), "task": task, "labels": labels}
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
     if kept:
         text = json.dumps(info, indent=2, sort_keys=True) + "\n"
         (out / STACK_CONFIG).write_text(text, encoding="utf-8")  # last: the folder is a stack once complete

@@ -72,9 +72,17 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         ) from error
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    folder = Path(name)
+    # transformers >= 5 builds an empty default tokenizer from config.json alone: refuse instead of tokenizing with it
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"model folder {name} has no tokenizer files; copy the base model's tokenizer into it "
+                         f"(tokenizer.save_pretrained({name!r}))")
     tokenizer = _from_pretrained(AutoTokenizer, name)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:

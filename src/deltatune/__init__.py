@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import quiet
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
 from .io import load, save
@@ -22,6 +23,8 @@ from .methods import (
 from .model import DeltaModel, wrap
 from .optim import ReLoRA, loraplus_optimizer
 from .quant import quantize_nf4
+
+quiet.install()  # before any transformers model code imports torchao
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ class AdapterArithmetic:
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
         svd_rank: int | None = None, density: float | None = None, majority_sign_method: str = "total",
-        seed: int = 0,
+        seed: int = 0, modules_to_save_from: str | None = None,
     ) -> CombineReport:
         """Add LoRA adapter ``adapter_name``, the weighted combination of ``adapters`` defined on their dense
         task vectors ``dW_i`` (``cat``: exactly ``sum_i w_i dW_i``; other types: truncated SVD, error reported in
@@ -27,7 +27,7 @@ class AdapterArithmetic:
         from .combine import add_weighted_adapter
 
         return add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, density,
-                                    majority_sign_method, seed)
+                                    majority_sign_method, seed, modules_to_save_from)
 
     def prepare_for_hotswap(self, max_rank: int, names: list[str] | None = None) -> None:
         """Pad LoRA adapters to rank ``max_rank`` (scaling folded into B) so later swaps keep every shape; call

@@ -175,37 +175,41 @@ def _result_config(model: DeltaModel, adapters: list[str], ranks: dict[str, int]
     )
 
 
-def _saved_copies(model: DeltaModel, adapters: list[str]) -> dict[str, str]:
-    """modules_to_save path -> the one adapter whose copy the result takes (PEFT's rule: at most one per module)."""
+def _saved_copies(model: DeltaModel, adapters: list[str], head_from: str | None) -> dict[str, str]:
+    """modules_to_save path -> the adapter whose copy the result takes: the only one with a copy there (PEFT's
+    rule), or ``head_from`` where several have one (whole modules such as task heads cannot be weighted)."""
+    if head_from is not None and head_from not in adapters:
+        raise ConfigError(f"modules_to_save_from={head_from!r} is not one of the combined adapters {adapters}")
     owners: dict[str, str] = {}
     for path, host in model.hosts():
         if isinstance(host, TrainableCopies):
             holders = [a for a in adapters if a in host.copies]
-            if len(holders) > 1:
+            if len(holders) > 1 and head_from not in holders:
                 raise ConfigError(
                     f"adapters {holders} each train their own copy of '{path}' (modules_to_save); whole modules "
-                    f"cannot be weighted: combine adapters whose modules_to_save differ, or drop the copies"
+                    f"cannot be weighted: pass modules_to_save_from=<one of them> to take that adapter's copy"
                 )
             if holders:
-                owners[path] = holders[0]
+                owners[path] = head_from if head_from in holders else holders[0]
     return owners
 
 
 def add_weighted_adapter(
     model: DeltaModel, adapters: list[str], weights: list[float], adapter_name: str,
     combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
-    majority_sign_method: str = "total", seed: int = 0,
+    majority_sign_method: str = "total", seed: int = 0, modules_to_save_from: str | None = None,
 ) -> CombineReport:
     """Add LoRA adapter ``adapter_name`` = the ``combination_type`` of ``adapters`` with ``weights`` (see the
     module docstring). The new adapter is inactive; on any error the model is left as it was. ``seed`` fixes
-    DARE's random drops."""
+    DARE's random drops; ``modules_to_save_from`` names the adapter whose trained module copies (task heads) the
+    result takes where several adapters have one."""
     adapters, weights = list(adapters), [float(w) if isinstance(w, int) and not isinstance(w, bool) else w for w in weights]
     check_combination(combination_type, density, majority_sign_method)
     check_request(model, adapters, weights, adapter_name, svd_rank, combination_type)
     request = {"combination_type": combination_type, "density": density, "svd_rank": svd_rank,
                "majority_sign_method": majority_sign_method}
     generator = torch.Generator().manual_seed(seed)
-    owners = _saved_copies(model, adapters)
+    owners = _saved_copies(model, adapters, modules_to_save_from)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     report = CombineReport(adapter_name, combination_type)
     total = residual = 0.0

@@ -223,3 +223,42 @@ def test_combined_adapter_round_trips_merges_and_serves_mixed_batches(tmp_path) 
             alone_base = model(IDS[:1])
     assert torch.allclose(mixed[0], want[0], atol=1e-5) and torch.allclose(mixed[1], alone_a[0], atol=1e-5)
     assert torch.allclose(mixed[2], alone_base[0], atol=1e-6)
+
+
+class Gpt2Style(nn.Module):
+    """A transformers Conv1D (weight [in, out]) between two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.up = Conv1D(16, 8)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_mora_and_conv1d_layers_combine_through_their_dense_deltas() -> None:
+    torch.manual_seed(0)
+    model = dt.wrap(Gpt2Style().eval(), dt.LoraConfig(r=2, alpha=4, targets=["up", "down"], init="random"), "a")
+    model.add_adapter("m", dt.MoraConfig(r=2, targets=["up", "down"], init="random"))
+    weights = [1.0, -0.5]
+    model.add_weighted_adapter(["a", "m"], weights, "am", "linear", svd_rank=16)
+    got, want = dense(model, "am"), reference(model, ["a", "m"], weights)
+    for path in want:  # rank 16 >= full rank of both layers: exact
+        assert torch.allclose(got[path], want[path], atol=1e-5 * want[path].abs().max().item()), path
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    # the combined adapter's effect on the Conv1D layer's output is the weighted sum of the adapters' effects
+    up = model.model.up
+    with torch.no_grad():
+        model.set_adapter("am")
+        h = up(x)
+        model.set_adapter(["a"])
+        ha = up(x)
+        model.set_adapter(["m"])
+        hm = up(x)
+        with model.disable_adapters():
+            h0 = up(x)
+    assert torch.allclose(h - h0, (ha - h0) - 0.5 * (hm - h0), atol=1e-5)
+    assert (hm - h0).abs().max() > 0.1 and (ha - h0).abs().max() > 0.1

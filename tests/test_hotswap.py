@@ -88,5 +88,8 @@ def test_refused_swaps_change_nothing(tmp_path) -> None:
         live.hotswap_adapter(tmp_path / "missing", "default")
     assert torch.equal(out(live), before)
     dora = dt.wrap(mlp(), dt.DoraConfig(r=2, targets=["q"]), "d")
+    dora.add_adapter("l", dt.LoraConfig(r=2, targets=["v"]))
     with pytest.raises(dt.ConfigError, match="LoRA-style"):
         dora.prepare_for_hotswap(max_rank=4, names=["d"])
+    dora.prepare_for_hotswap(max_rank=4)  # by default: the LoRA-style adapters only
+    assert dora.configs["l"].r == 4 and dora.configs["d"].r == 2

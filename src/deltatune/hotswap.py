@@ -71,9 +71,10 @@ def prepare_for_hotswap(model: DeltaModel, max_rank: int, names: list[str] | Non
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise ConfigError(f"max_rank must be a positive integer, got {max_rank!r}")
-    if names is None:
-        names = [n for n in model.configs if hasattr(model.configs[n], "rank_pattern")
-                 and getattr(model.configs[n], "mergeable", False)]
+    if names is None:  # every adapter whose deltas are all s B A (LoRA, rsLoRA, AsyLoRA; not DoRA, MoRA, prompts)
+        deltas = [(n, d) for _, h in model.hosts() if isinstance(h, DeltaLayer) for n, d in h.adapters.items()]
+        names = [n for n in model.configs if any(a == n for a, _ in deltas) and hasattr(model.configs[n], "rank_pattern")
+                 and all(callable(getattr(d, "low_rank_factors", None)) for a, d in deltas if a == n)]
     plans = {name: _lora_deltas(model, name) for name in names}
     for name, deltas in plans.items():
         too_big = {p: int(d.low_rank_factors()[1].shape[0]) for p, d in deltas.items()}

@@ -68,6 +68,10 @@ def test_compiled_model_takes_new_adapters_without_recompiling(tmp_path) -> None
     assert counters["stats"]["unique_graphs"] == graphs == 1
     live.save(tmp_path / "swapped")  # the config was rewritten with the padding: the file is still that adapter
     assert torch.allclose(out(dt.load(mlp(), tmp_path / "swapped")), out(high), atol=1e-5)
+    live.add_adapter("other", dt.LoraConfig(r=6, targets=["q"]))  # the usual way: another adapter, other shapes
+    live.set_adapter("other")
+    out(compiled)
+    assert counters["stats"]["unique_graphs"] > graphs  # ... recompiles: the counter does see recompilation
 
 
 def test_refused_swaps_change_nothing(tmp_path) -> None:

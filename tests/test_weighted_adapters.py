@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ def test_cat_is_exactly_the_weighted_sum_of_task_vectors() -> None:
         assert torch.allclose(got[path], want[path], atol=1e-6 * want[path].abs().max().item()), path
     assert report.ranks == {"emb": 2, "q": 2 + 3 + 4, "v": 2 + 5, "conv": 2} and report.relative_error == 0.0
     assert model.configs["abc"].r == 9 and model.configs["abc"].rank_pattern == {"emb": 2, "v": 7, "conv": 2}
-    model.add_weighted_adapter(["a", "b", "c"], [1, 1, 1], "sum", combination_type="cat")
+    model.add_weighted_adapter(["a", "b", "c"], [1, np.float32(1), 1.0], "sum", combination_type="cat")
     with torch.no_grad():
         model.set_adapter(["a", "b", "c"])
         together = model(IDS)

@@ -22,6 +22,7 @@ bottleneck adapters) and adapters whose base was rewritten (PiSSA/OLoRA) or that
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -203,7 +204,8 @@ def add_weighted_adapter(
     module docstring). The new adapter is inactive; on any error the model is left as it was. ``seed`` fixes
     DARE's random drops; ``modules_to_save_from`` names the adapter whose trained module copies (task heads) the
     result takes where several adapters have one."""
-    adapters, weights = list(adapters), [float(w) if isinstance(w, int) and not isinstance(w, bool) else w for w in weights]
+    weights = [float(w) if isinstance(w, numbers.Real) and not isinstance(w, bool) else w for w in weights]  # numpy too
+    adapters = list(adapters)
     check_combination(combination_type, density, majority_sign_method)
     check_request(model, adapters, weights, adapter_name, svd_rank, combination_type)
     request = {"combination_type": combination_type, "density": density, "svd_rank": svd_rank,

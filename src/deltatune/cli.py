@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .combine_cli import add_combine_parser
+from .combine_cli import run as cmd_combine
 from .errors import ConfigError, DeltatuneError
 
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve.cli import add_serve_parser
 
+    add_combine_parser(sub)
     add_serve_parser(sub)
     return parser
 
@@ -353,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "combine": cmd_combine}
 
 
 def main(argv: list[str] | None = None) -> int:

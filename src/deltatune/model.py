@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_ops import AdapterArithmetic
 from .config import DeltaConfig
 from .errors import ConfigError, MergeError
 from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies
@@ -27,13 +28,12 @@ def check_adapter_name(name: str) -> None:
         )
 
 
-class DeltaModel(nn.Module):
+class DeltaModel(AdapterArithmetic, nn.Module):
     """A base model (frozen, never copied) carrying named adapters; ``forward`` runs the active ones.
 
-    ``self.model`` is the base model itself, modified in place: adapted layers are replaced by transparent
-    hosts that keep the base's parameter names, so ``model.model.state_dict()`` has the base's keys (plus
-    adapter keys) and ``load_state_dict`` accepts a plain base checkpoint.
-    """
+    ``self.model`` is the base model itself, modified in place: adapted layers are replaced by transparent hosts that keep the
+    base's parameter names, so ``model.model.state_dict()`` has the base's keys (plus adapter keys) and ``load_state_dict``
+    accepts a plain base checkpoint. Combining adapters and hot-swapping them: ``AdapterArithmetic`` (adapter_ops.py)."""
 
     def __init__(self, model: nn.Module, config: DeltaConfig, name: str = "default") -> None:
         super().__init__()

@@ -160,6 +160,8 @@ class DoraLinear(LoraLinear):
         return torch.addcmul(out.to(dtype) - base, g, base + lora).to(out.dtype)
 
     # ---- merging -----------------------------------------------------------------------------------------------
+    low_rank_factors = None  # dW is not s B A (the magnitude rescales rows): combining uses the dense delta_weight
+
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         """``dW = g * (W0 + s B A) - W0`` in the layout of ``layer.weight`` (float32)."""
         weight = self._oi(layer.weight_for_merge.detach()).float()

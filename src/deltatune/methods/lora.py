@@ -204,6 +204,10 @@ class LoraLinear(MergeableDelta):
         weight = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         return weight.T if self.fan_in_fan_out else weight
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B [out, r], A [r, in])``, live: ``dW = s B A`` as an [out, in] matrix (``deltatune.combine``)."""
+        return self.lora_B.weight, self.lora_A.weight
+
 
 class LoraEmbedding(MergeableDelta):
     """``out + s * (A^T[ids]) B^T``: the usual embedding convention, A [r, vocab] zero, B [dim, r] normal."""
@@ -230,6 +234,10 @@ class LoraEmbedding(MergeableDelta):
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B [dim, r], A [r, vocab])``, live: ``s B A`` is ``dW^T`` ([dim, vocab])."""
+        return self.lora_embedding_B, self.lora_embedding_A
 
 
 class LoraConv(MergeableDelta):
@@ -259,3 +267,7 @@ class LoraConv(MergeableDelta):
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         b = self.lora_B.weight.float().flatten(1)
         return torch.einsum("or,ri...->oi...", b, self.lora_A.weight.float()) * self.scaling
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B [out, r], A [r, in * kernel])``, live views: ``s B A`` is ``dW`` flattened to [out, in * kernel]."""
+        return self.lora_B.weight.flatten(1), self.lora_A.weight.flatten(1)

@@ -2,7 +2,9 @@
 
     GET    /health                 status, loaded adapters, batching counters
     GET    /v1/adapters            known adapters (name, loaded, method)
-    POST   /v1/adapters            {"name", "path"}: register and load an adapter folder (API key when set)
+    POST   /v1/adapters            {"name", "path"}: register and load an adapter folder (API key when set);
+                                   {"name", "combine": {"adapters", "weights", "type", "density", "rank"}}: a
+                                   weighted combination of registered adapters (``add_weighted_adapter``)
     DELETE /v1/adapters/{name}     unload and forget an adapter (API key when set)
     POST   /v1/classify            {"model": adapter (base when omitted), "input": str | [str]}
     POST   /v1/completions         OpenAI-style {"model", "prompt": str | [str], "max_tokens", "temperature",
@@ -65,10 +67,24 @@ class CompletionRequest(BaseModel):
         return Sampling(self.max_tokens, self.temperature or 0.0, top_p, seed, tuple(stop))
 
 
+class CombineRequest(BaseModel):
+    """``DeltaModel.add_weighted_adapter`` of registered adapters (see ``deltatune.combine``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapters: list[str]
+    weights: list[float] | None = None  # default: 1 each
+    type: str = "svd"
+    density: float | None = None
+    rank: int | None = None
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+
 class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    path: str
+    path: str | None = None
+    combine: CombineRequest | None = None
 
 
 class Unauthorized(ServeError):
@@ -191,8 +207,17 @@ def create_app(
     @app.post("/v1/adapters", status_code=201)
     async def add_adapter(body: AdapterRequest, request: Request) -> dict[str, Any]:
         authorize(request)
-        await batcher.call(lambda: engine.registry.add(body.name, body.path, load_now=True))
-        return {"name": body.name, "loaded": True}
+        if (body.path is None) == (body.combine is None):
+            raise ServeError("give either 'path' (an adapter folder) or 'combine' (a combination of adapters)")
+        if body.path is not None:
+            await batcher.call(lambda: engine.registry.add(body.name, body.path, load_now=True))
+            return {"name": body.name, "loaded": True}
+        c = body.combine
+        weights = c.weights if c.weights is not None else [1.0] * len(c.adapters)
+        result = await batcher.call(lambda: engine.registry.combine(
+            body.name, c.adapters, weights, combination_type=c.type, svd_rank=c.rank, density=c.density,
+            majority_sign_method=c.majority_sign_method, seed=c.seed))
+        return {"name": body.name, "loaded": True, **result}
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, request: Request) -> dict[str, Any]:

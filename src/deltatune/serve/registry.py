@@ -10,6 +10,7 @@ All methods take one lock, so HTTP handlers and the batch worker may call them f
 from __future__ import annotations
 
 import inspect
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -59,6 +60,7 @@ class AdapterRegistry:
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.loads = 0
         self.evictions = 0
+        self.combined_dir: Path | None = None  # where combinations made by ``combine`` are written
         self.lock = threading.RLock()
 
     # ---- which folders may be read -------------------------------------------------------------------------------
@@ -102,6 +104,37 @@ class AdapterRegistry:
                 except BaseException:
                     self.sources.pop(name, None)
                     raise
+
+    def combine(self, name: str, adapters: list[str], weights: list[float], **options: Any) -> dict[str, Any]:
+        """Register adapter ``name`` = a weighted combination of registered adapters (``add_weighted_adapter``,
+        ``options`` as there). It is written to a folder of the registry's own, so it is evicted and reloaded like
+        any other adapter. Returns the combination's achieved relative error and ranks."""
+        with self.lock:
+            try:
+                check_adapter_name(name)
+            except ConfigError as error:
+                raise ServeError(str(error)) from None
+            if name in self.sources:
+                raise Conflict(f"adapter '{name}' already exists; DELETE /v1/adapters/{name} first or pick another name")
+            if len(set(adapters)) >= self.max_loaded:
+                raise ServeError(f"combining {len(set(adapters))} adapters needs them and the result loaded at once; "
+                                 f"start the server with --max-loaded {len(set(adapters)) + 1} or more")
+            self.ensure(adapters)
+            while len(self.loaded) >= self.max_loaded:
+                self.unload(next(n for n in self.loaded if n not in adapters))
+                self.evictions += 1
+            assert self.model is not None
+            report = self.model.add_weighted_adapter(adapters, weights, name, **options)
+            if self.combined_dir is None:
+                self.combined_dir = Path(tempfile.mkdtemp(prefix="deltatune-combined-"))
+            try:
+                self.model.save(self.combined_dir / name, adapter=name)
+            except BaseException:
+                self.model.delete_adapter(name)
+                raise
+            self.sources[name] = self.combined_dir / name
+            self.loaded[name] = None
+            return {"relative_error": report.relative_error, "ranks": sorted(set(report.ranks.values()))}
 
     def scan(self, directory: str | Path) -> list[str]:
         """Register an adapter folder (named after the folder) or every adapter folder directly inside ``directory``."""

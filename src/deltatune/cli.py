@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, (TrainingError, CompareError)):
             print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
             return 1
-        if isinstance(error, DeltatuneError):
+        if isinstance(error, (DeltatuneError, OSError)):  # OSError: a file system fault (no space, permission)
             print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
             return 2
         raise

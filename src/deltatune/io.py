@@ -106,17 +106,6 @@ def _umask() -> int:
     return mask
 
 
-def clean_leftovers(directory: Path, names: Any) -> list[Path]:
-    """Delete temp files (``.<name>.*.tmp``) that a killed atomic write of one of ``names`` left in
-    ``directory``; call it only while no other process writes those files. Returns what was removed."""
-    removed = []
-    for name in names:
-        for path in Path(directory).glob(f".{name}.*.tmp"):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` for a temp file next to ``path``, fsync it, then rename it over ``path``."""
     os.replace(_atomic_write(path, write), path)

@@ -33,6 +33,7 @@ from .models import (
     unwrap_hf,
 )
 from .options import BASELINES, build_configs, default_lr, method_parts
+from .preflight import check_metric, check_out_folder, clean_leftovers
 from .settings import RunSettings
 from .tasks import evaluate
 
@@ -116,9 +117,10 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None  # anything else was not written by deltatune
 
 
 def write_run(run_dir: Path, record: dict[str, Any]) -> None:
@@ -127,9 +129,13 @@ def write_run(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def check_run_folder(settings: RunSettings, run_dir: Path, overwrite: bool = False) -> None:
-    """A run folder with a previous run may only be continued with the same settings (``--resume``)."""
+    """A run folder with a previous run may only be continued with the same settings (``--resume``); a run that
+    failed before writing a checkpoint has nothing to continue, so it may be started over."""
+    check_out_folder(run_dir, read_run)
     previous = read_run(run_dir)
     if previous is None or overwrite:
+        return
+    if previous.get("status") in ("failed", "interrupted") and not (run_dir / CHECKPOINT).is_file():
         return
     if not settings.resume:
         raise ConfigError(
@@ -160,12 +166,24 @@ def run_training(
     Under a multi-process launcher (torchrun, ``--nproc``) the run is data-parallel (DDP, or FSDP2 with
     ``shard``); rank 0 writes every file (see ``deltatune.train.distributed``)."""
     from .distributed import setup
+    from .trainer import Interrupted
 
-    return _run_training(settings, overwrite, on_step, setup(shard))
+    dist = setup(shard)
+    started: dict[str, Any] = {}
+    try:
+        return _run_training(settings, overwrite, on_step, dist, started)
+    except BaseException as error:  # a run that stops anywhere after it was recorded is recorded as stopped
+        record = started.get("record")
+        if record is not None and record.get("status") == "running" and (dist is None or dist.is_main):
+            stopped = isinstance(error, (KeyboardInterrupt, Interrupted))
+            record.update(status="interrupted" if stopped else "failed", error=f"{type(error).__name__}: {error}")
+            write_run(Path(settings.out), record)
+        raise
 
 
 def _run_training(
-    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any
+    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any,
+    started: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from ..report import plot_run
     from .trainer import Interrupted, Trainer, TrainingError
@@ -195,11 +213,13 @@ def _run_training(
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(run_dir)
     if main and overwrite and not settings.resume:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(settings, tokenizer)
+    check_metric(settings.metric, data.task)
     lr = settings.lr or default_lr(method)
     record: dict[str, Any] = {
         "status": "running", "settings": settings.to_dict(), "model_path": model_path, "task": data.task,
@@ -207,6 +227,8 @@ def _run_training(
         "config": recorded,
     }
     record_run(record)
+    if started is not None:
+        started["record"] = record
     model, fresh = load_model(model_path, data.task, data.num_classes or 2,
                               data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
     heads = head_modules(model, fresh, data.task)

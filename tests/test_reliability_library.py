@@ -240,7 +240,7 @@ def test_adapter_config_asking_for_a_huge_rank_is_refused_before_allocating(tmp_
 def test_rank_above_the_layer_size_is_refused_before_allocating(r):
     model = fresh_mlp()
     before = snapshot(model)
-    with pytest.raises(dt.ConfigError, match=rf"r = {r} for 'fc1' is larger than the layer"):
+    with pytest.raises(dt.TargetError, match=rf"r = {r} for .fc1. is larger than the layer"):
         dt.wrap(model, dt.LoraConfig(r=r, targets=["fc1"]))
     assert_same(model, before)
     dt.wrap(model, dt.LoraConfig(r=32, targets=["fc1"]))  # the largest dimension is still allowed

@@ -111,6 +111,9 @@ def compare(base: RunSettings, methods: list[str], out: Path, debug: bool = Fals
     atomic_write(out / "report.md", lambda p: Path(p).write_text(report, encoding="utf-8"))
     print()
     print(format_table(results, metric))
+    for row in results:
+        for warning in row.get("warnings") or []:
+            print(f"warning: {row['method']}: {warning}", flush=True)
     print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and plots")
     if failures:
         raise CompareError(f"{len(failures)} run(s) failed: {'; '.join(failures)}; their logs are above")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import DeltaConfig
-from ..errors import ConfigError, MergeError
+from ..errors import ConfigError, MergeError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
 from ..targets import default_targets
 
@@ -107,7 +107,7 @@ def check_rank(config: DeltaConfig, module: nn.Module, path: str) -> None:
     weight = getattr(module, "weight", None)
     dims = linear_features(module) if kind in ("linear", "conv1d_t") else tuple(getattr(weight, "shape", ()))
     if dims and r > max(dims):
-        raise ConfigError(
-            f"r = {r} for '{path}' is larger than the layer itself {tuple(dims)}; a rank above min(in, out) = "
-            f"{min(dims)} adds nothing: use r <= {min(dims)}"
+        raise TargetError(
+            f"r = {r} for '{path}' is larger than the layer itself {tuple(dims)}; B A has rank <= min(in, out) = "
+            f"{min(dims)}, so a larger r only costs memory: use r <= in_features and out_features (here {min(dims)})"
         )

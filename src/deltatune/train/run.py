@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -21,6 +22,7 @@ from ..model import DeltaModel
 from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_trainable, save_trained
 from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
+from .health import head_lr, run_warnings
 from .models import (
     head_modules,
     load_model,
@@ -148,6 +150,20 @@ def check_run_folder(settings: RunSettings, run_dir: Path, overwrite: bool = Fal
         raise ConfigError(f"cannot resume {run_dir}: settings changed ({', '.join(changed)}); use the original settings or another --out")
 
 
+def _with_head_lr(
+    settings: RunSettings, lr: float, fresh_head: bool, baseline: bool, record: dict[str, Any], main: bool
+) -> RunSettings:
+    """The settings the trainer uses: ``head_lr`` filled in for a fresh head (``health.head_lr``), said aloud."""
+    chosen = head_lr(settings.head_lr, lr, fresh_head, baseline)
+    record["head_lr"] = chosen or lr
+    if chosen == settings.head_lr:
+        return settings
+    if main and not settings.quiet:
+        print(f"head lr {chosen:g}: the fresh task head trains at least at this rate (the adapters at --lr {lr:g}); "
+              f"--head-lr sets it", flush=True)
+    return dataclasses.replace(settings, head_lr=chosen)
+
+
 def count(model: nn.Module) -> tuple[int, int]:
     if isinstance(model, DeltaModel):
         return model.count_parameters()
@@ -232,6 +248,7 @@ def _run_training(
     model, fresh = load_model(model_path, data.task, data.num_classes or 2,
                               data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
     heads = head_modules(model, fresh, data.task)
+    trainer_settings = _with_head_lr(settings, lr, bool(fresh), method in BASELINES, record, main)
     if settings.quantize:
         quantize_base(model, settings.quantize, configs is None, method)
     model = prepare_method(model, method, configs, heads, data.task, settings.k)
@@ -247,7 +264,7 @@ def _run_training(
         record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "shard": dist.shard}
     save = dist.save_trained if dist is not None else save_trained
     trainer = Trainer(
-        model, settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
+        model, trainer_settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
         data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
         head_params=trainable_head_params(model, heads),
     )
@@ -277,6 +294,10 @@ def _run_training(
                              data.num_classes, settings.bf16)
         results["test"] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
     results["test_metric"] = results.get("test", {}).get(trainer.metric)
+    test_labels = data.encoded["test"].labels if "test" in data.encoded and data.task == "classification" else None
+    results["warnings"] = run_warnings(trainer.history, lr, evaluated if test_labels else None, test_labels, data.labels, "test")
+    for warning in results["warnings"] if main else []:
+        print(f"deltatune: warning: {warning}", file=sys.stderr, flush=True)
     results["peak_rss_bytes"] = peak_rss_bytes()
     results["adapter_bytes"] = artifact_size(run_dir)
     record.update(status="done", results=results)

@@ -40,23 +40,25 @@ def check_metric(metric: str | None, task: str) -> None:
 
 
 def check_optimizer(name: str, arguments: dict[str, Any]) -> None:
-    """Build ``torch.optim.<name>`` with ``arguments`` over one dense parameter and take a step, so an optimizer
-    that cannot train these models (``SparseAdam`` needs sparse gradients) or rejects its arguments fails now."""
+    """Build ``torch.optim.<name>`` with ``arguments`` over a dense weight and bias and take a step, so an optimizer
+    that cannot train these models (``SparseAdam`` needs sparse gradients, ``Muon`` 2-D parameters only) or
+    rejects its arguments fails now."""
     classes = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)}
     cls = classes.get(str(name).lower())
     if cls is None or cls is torch.optim.Optimizer:
         raise ConfigError(f"unknown optimizer {name!r}; torch.optim has {', '.join(sorted(classes))}")
-    probe = torch.nn.Parameter(torch.ones(2, 2))
+    probes = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]  # a weight and a bias
     try:
-        optimizer = cls([probe], lr=1e-3, **arguments)
-        probe.grad = torch.ones(2, 2)
+        optimizer = cls(probes, lr=1e-3, **arguments)
+        for probe in probes:
+            probe.grad = torch.ones_like(probe)
         if cls is torch.optim.LBFGS:
-            optimizer.step(lambda: probe.sum())
+            optimizer.step(lambda: sum(p.sum() for p in probes))
         else:
             optimizer.step()
     except Exception as error:  # any failure here would have been a traceback at the first training step
         raise ConfigError(
-            f"--optimizer {name} cannot train a model with dense gradients and --optimizer-args {json.dumps(arguments)}: "
+            f"--optimizer {name} with --optimizer-args {json.dumps(arguments)} cannot train these models (dense weights and biases): "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; use adamw or sgd, or fix the arguments"
         ) from error
 

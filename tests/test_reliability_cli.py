@@ -191,3 +191,14 @@ def test_atomic_writes_get_the_mode_the_umask_asks_for(tmp_path_factory, umask):
     for path in [folder / "adapter" / WEIGHTS_NAME, folder / "adapter" / CONFIG_NAME, folder / "run.json"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     assert not [p for p in folder.rglob(".*.tmp")]
+
+
+def test_compare_refuses_an_out_folder_it_did_not_write(tmp_path, capsys, data_dir):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "lora").mkdir()
+    (out / "lora" / "settings.json").write_text("{}")  # a folder compare itself made is fine
+    argv = ["compare", "--methods", "head,lora", "--data", str(data_dir), "--out", str(out), "--max-steps", "1", "--quiet"]
+    assert "holds files deltatune did not write (notes.txt)" in one_line_error(capsys, argv)
+    assert (out / "notes.txt").read_text() == "my notes" and not (out / "head").exists()

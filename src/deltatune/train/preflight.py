@@ -17,6 +17,7 @@ FLOAT_SETTINGS = ("epochs", "lr", "head_lr", "warmup", "weight_decay", "max_grad
 METRICS = {"classification": ("accuracy", "f1", "mcc", "loss"), "causal-lm": ("loss", "perplexity")}
 # files a run folder may hold before its run.json exists: compare's per-run settings, temp files of atomic writes
 OWN_BEFORE_RUN = {"settings.json"}
+COMPARE_FILES = {"results.json", "report.md", "metric_vs_params.png", "loss_curves.png"}
 MAX_THREADS = 4096
 
 
@@ -77,6 +78,24 @@ def check_out_folder(run_dir: Path, read_run: Any) -> None:
         raise ConfigError(
             f"--out {run_dir} holds files deltatune did not write ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}; "
             f"{state}); deltatune writes only into new or empty folders or its own run folders: choose another --out"
+        )
+
+
+def check_compare_folder(out: Path, read_run: Any) -> None:
+    """``compare --out`` must be new, empty, or hold only what compare writes: its report files and run folders."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir():
+        return
+    foreign = sorted(
+        p.name for p in out.iterdir()
+        if p.name not in COMPARE_FILES and not is_leftover(p)
+        and not (p.is_dir() and (read_run(p) is not None or (p / "settings.json").is_file() or not any(p.iterdir())))
+    )
+    if foreign:
+        raise ConfigError(
+            f"--out {out} holds files deltatune did not write ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); "
+            f"compare writes only into new or empty folders or its own: choose another --out"
         )
 
 

@@ -202,3 +202,24 @@ def test_compare_refuses_an_out_folder_it_did_not_write(tmp_path, capsys, data_d
     argv = ["compare", "--methods", "head,lora", "--data", str(data_dir), "--out", str(out), "--max-steps", "1", "--quiet"]
     assert "holds files deltatune did not write (notes.txt)" in one_line_error(capsys, argv)
     assert (out / "notes.txt").read_text() == "my notes" and not (out / "head").exists()
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated"])
+def test_eval_of_a_baseline_run_with_bad_weights_is_one_line(tmp_path, capsys, data_dir, tiny_model, damage):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "head"
+    assert main(train_argv(data_dir, out, "--method", "head", "--max-steps", "1", "--max-length", "32", model=tiny_model)) == 0
+    weights = out / "baseline.safetensors"
+    if damage == "nan":
+        tensors = load_file(weights)
+        key = sorted(tensors)[0]
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        save_file(tensors, weights)
+        message = "NaN/inf"
+    else:
+        weights.write_bytes(weights.read_bytes()[:-5])
+        message = "not a readable safetensors file"
+    capsys.readouterr()
+    assert message in one_line_error(capsys, ["eval", "--adapter", str(out), "--data", str(data_dir)])

@@ -292,3 +292,19 @@ def test_a_copy_or_an_unloaded_base_can_be_wrapped():
     plain = first.unload()
     again = dt.wrap(plain, dt.LoraConfig(targets=["fc2"]))
     assert again.model is base
+
+
+@pytest.mark.parametrize("fill", [math.nan, math.inf, -math.inf])
+def test_every_reader_of_adapter_files_refuses_non_finite(tmp_path, fill):
+    """The check sits in ``read_tensors``, so ``dt.load`` and the transformers-Trainer reload both refuse."""
+    from deltatune.hf import load_adapter_weights
+
+    saved(tmp_path)
+    model = dt.wrap(fresh_mlp(), dt.LoraConfig(targets=["fc1"], modules_to_save=["fc2"], r=2))
+    before = snapshot(model)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    tensors[PREFIX + "fc1.lora_B.weight"][0, 0] = fill
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(dt.AdapterFileError, match="fc1.lora_B.weight .*NaN/inf"):
+        load_adapter_weights(model, tmp_path)
+    assert_same(model, before)

@@ -202,6 +202,7 @@ def read_tensors(directory: Path, allow_bin: bool = False, prefix: str = PREFIX)
             raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
     else:
         raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}; point at a folder written by model.save() or PEFT")
+    check_finite(tensors, directory)
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
 
 
@@ -229,7 +230,7 @@ def _check_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
         )
 
 
-def _check_values(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def check_finite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
     """Refuse NaN/inf in any tensor of the file (a diverged run or a corrupt file), naming the first one."""
     for key in sorted(tensors):
         tensor = tensors[key]
@@ -273,7 +274,6 @@ def load(
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     config = read_config(directory)
     tensors = read_tensors(directory, allow_bin=allow_bin, prefix=getattr(config, "file_prefix", PREFIX))
-    _check_values(tensors, directory)
     _check_sizes(config, tensors, directory)
     if hasattr(config, "for_loading"):  # the form whose live tensors the file fills (e.g. a prompt without encoder)
         loading_config = config.for_loading()

@@ -102,6 +102,8 @@ def test_failed_load_changes_no_module_parameter_value_or_flag(tmp_path_factory,
     base = fresh_mlp()
     base.fc1.weight.requires_grad_(False)  # a flag the user set must survive too
     target = dt.wrap(base, dt.LoraConfig(targets=["fc1"], modules_to_save=["fc2"]), "other") if onto_wrapped else base
+    if onto_wrapped:  # the user froze part of the active adapter: a failed load must not unfreeze it
+        next(p for n, p in target.named_parameters() if "lora_A" in n).requires_grad_(False)
     head = target.fc2
     optimizer = torch.optim.SGD([p for p in target.parameters() if p.requires_grad], lr=0.1)
     before = snapshot(target)

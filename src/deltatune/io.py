@@ -280,6 +280,7 @@ def load(
     else:
         loading_config = config.replace(init="zeros") if hasattr(config, "init") else config
     fresh = not isinstance(model, DeltaModel)
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # the user's flags, put back exactly on failure
     if fresh:
         delta_model = DeltaModel(model, loading_config, name)
     else:
@@ -308,6 +309,8 @@ def load(
             delta_model.restore_requires_grad()
         else:
             delta_model.delete_adapter(name)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
         raise
     if activate or (activate is None and fresh):
         delta_model.set_adapter(name)

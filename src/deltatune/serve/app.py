@@ -125,15 +125,16 @@ def create_app(
     """The FastAPI app serving ``engine``; ``api_key`` guards the adapter-loading endpoints when given; request
     bodies above ``max_body`` bytes (default: room for ``MAX_INPUTS`` inputs of ``max_length`` tokens) get a 413."""
     batcher = MicroBatcher(engine.run, max_batch=max_batch, max_wait=max_wait, max_adapters=engine.registry.max_loaded)
-    checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltatune-check")  # tokenising off the event loop
+    checker: dict[str, ThreadPoolExecutor] = {}  # one thread tokenises request checks, off the event loop
     max_body = max_body or max(2**20, MAX_INPUTS * engine.max_length * MAX_CHARS_PER_TOKEN)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        checker["pool"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltatune-check")
         await batcher.start()
         yield
         await batcher.stop()
-        checker.shutdown(wait=False)
+        checker.pop("pool").shutdown(wait=False)
 
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body)
@@ -173,7 +174,7 @@ def create_app(
             return [engine.check(kind, adapter, t, body.sampling(i) if body else None, sinks(i) if sinks else None)
                     for i, t in enumerate(texts)]
 
-        return await asyncio.get_running_loop().run_in_executor(checker, check_all)
+        return await asyncio.get_running_loop().run_in_executor(checker["pool"], check_all)
 
     async def submit_all(kind: str, adapter: str, texts: list[str], body: CompletionRequest | None = None) -> list[Any]:
         items = await checked(kind, adapter, texts, body)

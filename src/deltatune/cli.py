@@ -73,7 +73,7 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, help="learning rate (default per method: full 5e-5, last-layers 1e-4, head 3e-2, adapters 3e-3 unless the method sets default_lr)")
     g.add_argument("--head-lr", type=float, help="learning rate of the task head (the fresh classifier, or the LM head) "
-                   "in its own optimizer group; default: --lr. A fresh head on small pooled features may want ~10x more")
+                   "in its own optimizer group; default: --lr, at least 3e-2 for a fresh head under an adapter method")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--optimizer", default="adamw", help="any torch.optim class name (adamw)")
     g.add_argument("--optimizer-args", default="{}", help="JSON of extra optimizer arguments")
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, (TrainingError, CompareError)):
             print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
             return 1
-        if isinstance(error, DeltatuneError):
+        if isinstance(error, (DeltatuneError, OSError)):  # OSError: a file system fault (no space, permission)
             print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
             return 2
         raise

@@ -15,6 +15,7 @@ from .errors import ConfigError, DeltatuneError
 from .report import format_table, plot_compare, report_markdown
 from .train.artifacts import CHECKPOINT, atomic_write
 from .train.options import BASELINES, build_configs, method_parts, option_applies
+from .train.preflight import check_compare_folder, clean_leftovers
 from .train.run import read_run
 from .train.settings import RunSettings
 
@@ -91,7 +92,9 @@ def compare(base: RunSettings, methods: list[str], out: Path, debug: bool = Fals
     """Run every method and write ``results.json``, ``report.md``, ``metric_vs_params.png``, ``loss_curves.png``."""
     out = Path(out)
     plans = method_settings(base, methods, out)
+    check_compare_folder(out, read_run)
     out.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
     results, failures = [], []
     for method, settings in plans.items():
         print(f"== {method} ({settings.out})", flush=True)
@@ -111,6 +114,9 @@ def compare(base: RunSettings, methods: list[str], out: Path, debug: bool = Fals
     atomic_write(out / "report.md", lambda p: Path(p).write_text(report, encoding="utf-8"))
     print()
     print(format_table(results, metric))
+    for row in results:
+        for warning in row.get("warnings") or []:
+            print(f"warning: {row['method']}: {warning}", flush=True)
     print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and plots")
     if failures:
         raise CompareError(f"{len(failures)} run(s) failed: {'; '.join(failures)}; their logs are above")

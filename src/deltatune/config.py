@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -64,6 +65,9 @@ class DeltaConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` for values that cannot work."""
+        for f in dataclasses.fields(self):
+            if f.name != "extra":  # unknown keys read from a file are ignored, never used
+                check_bounded(f.name, getattr(self, f.name))
         for name in ("targets", "exclude"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str) and not _is_str_list(value):
@@ -151,7 +155,35 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+# A config asks for sizes (ranks, token counts, bottlenecks) that are allocated before any tensor is read; no real
+# adapter needs a size above this, and r = 10**6 on one 4096-wide layer alone would already need ~36 GB.
+MAX_SIZE = 2**20
+MAX_DEPTH = 32  # nesting of lists/dicts inside one config value (deeper is an attack or a corrupt file)
+
+
+def check_bounded(name: str, value: Any, depth: int = 0) -> None:
+    """Refuse NaN/inf floats, integers above ``MAX_SIZE`` and nesting deeper than ``MAX_DEPTH`` anywhere in a
+    config value, naming the field (``alpha``, ``rank_pattern['query']``)."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{name} is nested more than {MAX_DEPTH} levels deep; a config value is a flat list or mapping")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, int) and abs(value) > MAX_SIZE:
+        raise ConfigError(f"{name} = {value} is larger than any adapter needs (limit {MAX_SIZE:,}); use a smaller value")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_bounded(f"{name}[{key!r}]", item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_bounded(f"{name}[{i}]", item, depth + 1)
+
+
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a number {bound}, got {value!r}")

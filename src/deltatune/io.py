@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,15 @@ from torch import nn
 
 from .config import DeltaConfig, config_from_peft_dict
 from .errors import AdapterFileError, ConfigError, DeltatuneError
-from .layers import DeltaLayer, TrainableCopies
+from .layers import DeltaLayer, TrainableCopies, layer_kind
 from .methods.lora_init import PRINCIPAL_INITS, principal_file_as_plain_lora
 from .model import DeltaModel, bias_parameter_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+MAX_CONFIG_BYTES = 16 * 2**20
+SIZE_FIELDS = ("r", "num_virtual_tokens", "bottleneck")  # config sizes that are dimensions of the file's tensors
 PREFIX = "base_model.model."
 TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
@@ -89,12 +92,19 @@ def _atomic_write(path: Path, write: Any) -> Path:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets the mode any new file would get
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except BaseException:
         os.unlink(tmp)
         raise
     return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -144,10 +154,13 @@ def read_config(directory: Path) -> DeltaConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"no {CONFIG_NAME} in {directory}; point at a folder written by model.save() or PEFT")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{path} is {path.stat().st_size:,} bytes, not an adapter config (those are < 1 MB)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFileError(f"{path} is not valid JSON ({error}); the file is corrupt, save the adapter again") from error
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise AdapterFileError(f"{path} is not valid JSON ({reason}); the file is corrupt, save the adapter again") from error
     try:
         return config_from_peft_dict(data)
     except DeltatuneError:
@@ -190,6 +203,7 @@ def read_tensors(directory: Path, allow_bin: bool = False, prefix: str = PREFIX)
             raise AdapterFileError(f"{legacy} does not hold a dict of tensors")
     else:
         raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}; point at a folder written by model.save() or PEFT")
+    check_finite(tensors, directory)
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
 
 
@@ -217,6 +231,33 @@ def _check_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
         )
 
 
+def check_finite(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Refuse NaN/inf in any tensor of the file (a diverged run or a corrupt file), naming the first one."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(
+                f"tensor {key} in {directory} holds NaN/inf values; the adapter is corrupt or its training diverged: "
+                f"retrain it (e.g. with a lower learning rate) or load an earlier checkpoint"
+            )
+
+
+def _check_sizes(config: DeltaConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Before anything is allocated: every size the config asks for (rank, virtual tokens, bottleneck) must appear
+    as a dimension of some tensor in the file, so a config cannot make the loader allocate more than the file holds."""
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    for name in SIZE_FIELDS:
+        value = getattr(config, name, None)
+        values = [value, *(getattr(config, "rank_pattern", None) or {}).values()] if name == "r" else [value]
+        for size in values:
+            if isinstance(size, int) and not isinstance(size, bool) and size > largest:
+                raise AdapterFileError(
+                    f"{directory / CONFIG_NAME} asks for {name} = {size}, but no tensor in "
+                    f"{directory / WEIGHTS_NAME} has a dimension that large (largest: {largest}); the config does not "
+                    f"belong to these weights: save the adapter again"
+                )
+
+
 def load(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -234,6 +275,7 @@ def load(
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     config = read_config(directory)
     tensors = read_tensors(directory, allow_bin=allow_bin, prefix=getattr(config, "file_prefix", PREFIX))
+    _check_sizes(config, tensors, directory)
     if getattr(config, "init", None) in PRINCIPAL_INITS:  # an unconverted PiSSA/OLoRA file: see lora_init
         if config.method != "lora":
             raise AdapterFileError(f"{directory}: init {config.init!r} is supported for plain LoRA files only")
@@ -244,6 +286,7 @@ def load(
     else:
         loading_config = config.replace(init="zeros") if hasattr(config, "init") else config
     fresh = not isinstance(model, DeltaModel)
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # the user's flags, put back exactly on failure
     if fresh:
         delta_model = DeltaModel(model, loading_config, name)
     else:
@@ -253,8 +296,10 @@ def load(
     restore: dict[str, torch.Tensor] = {}
     try:
         expected = adapter_tensors(delta_model, name)
-        expected.update(_base_overrides(delta_model, tensors, expected))
+        overrides = _base_overrides(delta_model, tensors, expected)
+        expected.update(overrides)
         _check_fit(expected, tensors, directory)
+        _warn_base_overrides(expected, tensors, overrides)
         owned = _adapter_tensor_ids(delta_model)
         with torch.no_grad():
             for key, target in expected.items():
@@ -265,11 +310,13 @@ def load(
         with torch.no_grad():
             for key, old in restore.items():
                 expected[key].copy_(old)
-        if fresh:
-            delta_model.unload()
+        if fresh:  # keep=[]: every host gives back its original module (never a modules_to_save copy)
+            delta_model.unload(keep=[])
             delta_model.restore_requires_grad()
         else:
             delta_model.delete_adapter(name)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
         raise
     if activate or (activate is None and fresh):
         delta_model.set_adapter(name)
@@ -279,16 +326,34 @@ def load(
 def _base_overrides(
     model: DeltaModel, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Base weights of adapted layers that a file may carry (PEFT's ``save_embedding_layers`` writes
-    ``<path>.base_layer.weight`` for targeted embeddings); they are loaded into the base, optional."""
+    """Base weights of adapted embeddings that a file may carry (PEFT's ``save_embedding_layers`` writes
+    ``<path>.base_layer.weight`` for targeted embeddings, e.g. after resizing the vocabulary); they are loaded into
+    the base, optional. Such keys for any other layer stay unexpected, so the file is refused."""
     hosts = dict(model.hosts())
     found: dict[str, torch.Tensor] = {}
     for key in tensors:
         path, marker, param_name = key.rpartition(".base_layer.")
         host = hosts.get(path)
-        if marker and key not in expected and isinstance(host, DeltaLayer) and param_name in host._parameters:
+        if (
+            marker and key not in expected and isinstance(host, DeltaLayer) and param_name in host._parameters
+            and layer_kind(host) == "embedding"
+        ):
             found[key] = host._parameters[param_name]
     return found
+
+
+def _warn_base_overrides(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], overrides: dict[str, torch.Tensor]
+) -> None:
+    """Say so when a file's base-layer weights replace different values in the frozen base."""
+    changed = sorted(k for k in overrides if not torch.equal(expected[k].detach().cpu(), tensors[k].to(expected[k].dtype)))
+    if changed:
+        warnings.warn(
+            f"the adapter file replaces frozen base weights {', '.join(changed[:3])}"
+            f"{' ...' if len(changed) > 3 else ''} (PEFT save_embedding_layers); the base model is changed while "
+            f"the adapter is loaded. Load it into a fresh copy of the base if others share this model",
+            stacklevel=3,
+        )
 
 
 def _adapter_tensor_ids(model: DeltaModel) -> set[int]:

@@ -9,6 +9,7 @@ The base module itself is kept outside the module tree (``host.base_layer``) and
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -275,3 +276,20 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     if layer_kind(module) == "conv1d_t":
         return tuple(module.weight.shape)  # Conv1D stores [in, out]
     return module.in_features, module.out_features
+
+
+# base model -> the DeltaModel that wraps it; weak both ways, so neither is kept alive, and copies of a wrapped
+# base (copy.deepcopy) are not claimed
+_WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def claim(model: nn.Module, wrapper: nn.Module) -> None:
+    """Record that ``wrapper`` (a DeltaModel) owns ``model``, so a second ``wrap`` of it can be refused."""
+    _WRAPPERS[model] = weakref.ref(wrapper)
+
+
+def wrapper_of(model: nn.Module) -> nn.Module | None:
+    """The live DeltaModel that wraps ``model`` (``None`` when there is none)."""
+    ref = _WRAPPERS.get(model)
+    wrapper = ref() if ref is not None else None
+    return wrapper if wrapper is not None and wrapper._modules.get("model") is model else None

@@ -14,7 +14,7 @@ from torch import nn
 from .adapter_ops import AdapterArithmetic
 from .config import DeltaConfig
 from .errors import ConfigError, MergeError
-from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies
+from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies, claim, wrapper_of
 from .methods.base import LayerDeltaConfig
 from .targets import base_modules, get_module, resolve_modules_to_save, resolve_targets, set_module
 
@@ -37,8 +37,8 @@ class DeltaModel(AdapterArithmetic, nn.Module):
 
     def __init__(self, model: nn.Module, config: DeltaConfig, name: str = "default") -> None:
         super().__init__()
-        if isinstance(model, DeltaModel):
-            raise ConfigError("model is already a DeltaModel; use model.add_adapter(name, config) instead")
+        if isinstance(model, DeltaModel) or getattr(wrapper_of(model), "configs", None):
+            raise ConfigError("model is already a DeltaModel or wrapped by one; use its add_adapter, or wrap a copy")
         self.model = model
         self.configs: dict[str, DeltaConfig] = {}
         self._active: list[str] = []
@@ -53,6 +53,7 @@ class DeltaModel(AdapterArithmetic, nn.Module):
             self.restore_requires_grad()
             raise
         self.set_adapter(name)
+        claim(model, self)
 
     def restore_requires_grad(self) -> None:
         """Give base parameters back the ``requires_grad`` flags they had before wrapping."""
@@ -348,7 +349,6 @@ class DeltaModel(AdapterArithmetic, nn.Module):
     # ---- parameters and state ----------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
     def count_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, adapters included in the total."""
         params = list(self.parameters())

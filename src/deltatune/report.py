@@ -144,5 +144,8 @@ def report_markdown(results: list[dict[str, Any]], settings: dict[str, Any], met
         "- learning rates: " + ", ".join(f"{r['method']} {r.get('lr', '-')}" for r in results), "",
         markdown_table(results, metric), "",
     ]
+    flagged = [f"- **{r['method']}**: {w}" for r in results for w in r.get("warnings") or []]
+    if flagged:  # a run that did not learn must not pass as a result
+        lines += ["## warnings", "", *flagged, ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -9,8 +10,8 @@ import torch
 from torch import nn
 
 from ..config import DeltaConfig
-from ..errors import ConfigError, MergeError
-from ..layers import DeltaLayer, layer_kind
+from ..errors import ConfigError, MergeError, TargetError
+from ..layers import DeltaLayer, layer_kind, linear_features
 from ..targets import default_targets
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class LayerDeltaConfig(DeltaConfig):
         """Add this adapter's delta to each layer in ``paths`` (wrapping plain layers in a ``DeltaLayer``)."""
         for path in paths:
             host = model.host_at(path, DeltaLayer)
+            check_rank(self, host.base_layer, path)
             delta = self.create_delta(host.base_layer, path)
             weight = getattr(host.base_layer, "weight", None)
             if weight is not None:
@@ -89,3 +91,23 @@ def frozen(tensor_owner: Any) -> Any:
         parameter.requires_grad_(False)
         parameter._deltatune_frozen = True  # type: ignore[attr-defined]
     return tensor_owner
+
+
+def check_rank(config: DeltaConfig, module: nn.Module, path: str) -> None:
+    """Refuse, before allocating, a rank above the layer's largest dimension: ``B A`` has rank <= min(in, out), so
+    such an r only adds memory (r = 10**6 on a 384-wide layer would allocate gigabytes)."""
+    r = getattr(config, "r", None)
+    if not isinstance(r, int):
+        return
+    for key, value in (getattr(config, "rank_pattern", None) or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            r = value
+            break
+    kind = layer_kind(module)
+    weight = getattr(module, "weight", None)
+    dims = linear_features(module) if kind in ("linear", "conv1d_t") else tuple(getattr(weight, "shape", ()))
+    if dims and r > max(dims):
+        raise TargetError(
+            f"r = {r} for '{path}' is larger than the layer itself {tuple(dims)}; B A has rank <= min(in, out) = "
+            f"{min(dims)}, so a larger r only costs memory: use r <= in_features and out_features (here {min(dims)})"
+        )

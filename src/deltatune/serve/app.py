@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,20 +38,33 @@ from ..errors import DeltatuneError
 from ..layers import BASE
 from .batcher import MicroBatcher
 from .decoding import Sampling
-from .engine import Engine
+from .engine import MAX_CHARS_PER_TOKEN, Engine
 from .registry import ServeError
 
 MAX_INPUTS = 64
 
 
+# OpenAI completion fields the server accepts only at the value that means "not used", and why
+UNSUPPORTED = {
+    "n": (1, "one choice per prompt is returned; send the prompt several times in the prompt list instead"),
+    "best_of": (None, "one choice per prompt is returned"),
+    "echo": (False, "the prompt is not echoed back"),
+    "logprobs": (None, "log-probabilities are not returned"),
+    "suffix": (None, "insertion (text after the completion) is not supported"),
+    "presence_penalty": (0, "repetition penalties are not implemented"),
+    "frequency_penalty": (0, "repetition penalties are not implemented"),
+    "logit_bias": (None, "logit biases are not implemented"),
+}
+
+
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     input: str | list[str] = Field(..., description="one text or a list of texts")
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # a field the server does not know is named in a 400, never ignored
     model: str | None = None
     prompt: str | list[str]
     max_tokens: int = 16
@@ -59,6 +73,22 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    user: str | None = None  # OpenAI's end-user id: bookkeeping only
+    n: int = 1
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0
+    frequency_penalty: float = 0
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        """Answer 400 naming the first OpenAI field set to something this server does not implement."""
+        for name, (inert, why) in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value != inert and not (name == "logit_bias" and value == {}) and not (name == "best_of" and value == 1):
+                raise ServeError(f"'{name}': {value!r} is not supported by this server ({why}); omit the field")
 
     def sampling(self, index: int) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -106,17 +136,24 @@ def _texts(value: str | list[str]) -> list[str]:
 
 def create_app(
     engine: Engine, max_batch: int = 32, max_wait: float = 0.005, api_key: str | None = None,
+    max_body: int | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``; ``api_key`` guards the adapter-loading endpoints when given."""
+    """The FastAPI app serving ``engine``; ``api_key`` guards the adapter-loading endpoints when given; request
+    bodies above ``max_body`` bytes (default: room for ``MAX_INPUTS`` inputs of ``max_length`` tokens) get a 413."""
     batcher = MicroBatcher(engine.run, max_batch=max_batch, max_wait=max_wait, max_adapters=engine.registry.max_loaded)
+    checker: dict[str, ThreadPoolExecutor] = {}  # one thread tokenises request checks, off the event loop
+    max_body = max_body or max(2**20, MAX_INPUTS * engine.max_length * MAX_CHARS_PER_TOKEN)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        checker["pool"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltatune-check")
         await batcher.start()
         yield
         await batcher.stop()
+        checker.pop("pool").shutdown(wait=False)
 
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body)
     app.state.engine, app.state.batcher = engine, batcher
 
     @app.exception_handler(RequestValidationError)
@@ -146,11 +183,20 @@ def create_app(
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise Unauthorized("this endpoint needs the server's API key (header 'Authorization: Bearer KEY' or 'X-API-Key')")
 
+    async def checked(kind: str, adapter: str, texts: list[str], body: CompletionRequest | None, sinks: Any = None) -> list[Any]:
+        """``engine.check`` every text on the checker thread: tokenising a long input must not stall the event loop
+        (health checks, other clients)."""
+        def check_all() -> list[Any]:
+            return [engine.check(kind, adapter, t, body.sampling(i) if body else None, sinks(i) if sinks else None)
+                    for i, t in enumerate(texts)]
+
+        return await asyncio.get_running_loop().run_in_executor(checker["pool"], check_all)
+
     async def submit_all(kind: str, adapter: str, texts: list[str], body: CompletionRequest | None = None) -> list[Any]:
-        items = [engine.check(kind, adapter, text, body.sampling(i) if body else None) for i, text in enumerate(texts)]
+        items = await checked(kind, adapter, texts, body)
         return await asyncio.gather(*(batcher.submit(kind, adapter, item) for item in items))
 
-    def stream_completions(body: CompletionRequest, adapter: str, texts: list[str]) -> StreamingResponse:
+    async def stream_completions(body: CompletionRequest, adapter: str, texts: list[str]) -> StreamingResponse:
         """Server-sent events: each row's text deltas as they are decoded (checks run before the response starts)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -158,7 +204,7 @@ def create_app(
         def sink(index: int):
             return lambda delta, finish: loop.call_soon_threadsafe(queue.put_nowait, (index, delta, finish, None))
 
-        items = [engine.check("complete", adapter, t, body.sampling(i), sink(i)) for i, t in enumerate(texts)]
+        items = await checked("complete", adapter, texts, body, sink)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         async def run(index: int, item: Any) -> None:
@@ -234,8 +280,9 @@ def create_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         adapter = body.model or BASE
+        body.check_supported()
         if body.stream:
-            return stream_completions(body, adapter, _texts(body.prompt))
+            return await stream_completions(body, adapter, _texts(body.prompt))
         results = await submit_all("complete", adapter, _texts(body.prompt), body)
         choices = [
             {"index": i, "text": r["text"], "token_ids": r["tokens"], "finish_reason": r["finish_reason"], "logprobs": None}
@@ -251,6 +298,39 @@ def create_app(
         }
 
     return app
+
+
+class BodyTooLarge(ServeError):
+    status = 413
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body is over ``limit`` bytes is answered 413 without being parsed (by its
+    Content-Length, or, for a chunked body, as soon as the bytes received pass the limit)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            await _error(413, f"request body is over {self.limit:,} bytes; send fewer or shorter inputs",
+                         "request_too_large")(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(f"request body is over {self.limit:,} bytes; send fewer or shorter inputs")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -22,6 +22,7 @@ from .decoding import RowSampler, RowTracker, Sampling, Sink
 from .registry import AdapterRegistry, ServeError
 
 KINDS = ("classify", "complete")
+MAX_CHARS_PER_TOKEN = 32  # no tokenizer makes one token of more characters than this in ordinary text
 
 
 @dataclass
@@ -58,6 +59,9 @@ class Engine:
         if not isinstance(text, str) or not text:
             raise ServeError("each input must be a non-empty string")
         self.registry.require(adapter)
+        if len(text) > self.max_length * MAX_CHARS_PER_TOKEN:  # cannot fit: refuse before spending time tokenising
+            raise ServeError(f"input has {len(text):,} characters; this server accepts at most {self.max_length} tokens "
+                             f"(--max-length), far fewer than that")
         count = len(self.counter(text, add_special_tokens=True)["input_ids"])
         if count > self.max_length:
             raise ServeError(f"input has {count} tokens; this server accepts at most {self.max_length} (--max-length)")

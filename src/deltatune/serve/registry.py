@@ -46,6 +46,24 @@ class Conflict(ServeError):
     status = 409
 
 
+MAX_NAME = 128  # adapter names are echoed in errors and /health; longer ones are refused, not stored
+MAX_PATH = 4096
+
+
+def shown(name: str) -> str:
+    """``name`` as echoed in messages: cut to ``MAX_NAME`` characters."""
+    return name if len(name) <= MAX_NAME else f"{name[:MAX_NAME]}... ({len(name):,} characters)"
+
+
+def check_path_text(path: str | Path) -> None:
+    """Refuse path strings no file system accepts (NUL bytes, over ``MAX_PATH`` characters) with a 400."""
+    text = str(path)
+    if "\x00" in text:
+        raise ServeError("the adapter path contains a NUL byte; send a plain folder path")
+    if len(text) > MAX_PATH:
+        raise ServeError(f"the adapter path has {len(text):,} characters; at most {MAX_PATH} are accepted")
+
+
 class AdapterRegistry:
     """Adapters known by name; at most ``max_loaded`` of them live on ``base`` at once (least recently used go)."""
 
@@ -71,9 +89,11 @@ class AdapterRegistry:
                 self.allowed_dirs.append(resolved)
 
     def checked_folder(self, path: str | Path) -> Path:
-        """``path`` resolved, if it is an adapter folder inside an allowed folder; else a ``ServeError``."""
+        """``path`` resolved, if it is an adapter folder inside an allowed folder; else a ``ServeError``. The files
+        it reads are resolved too: a symlink inside the folder that points outside the allowed folders is refused."""
+        check_path_text(path)
         resolved = Path(path).expanduser().resolve()
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.allowed_dirs):
+        if not self._inside(resolved):
             raise Forbidden(
                 f"adapter folder {path} is outside the allowed folders; start the server with --allow-dir for it"
             )
@@ -83,12 +103,20 @@ class AdapterRegistry:
             raise AdapterFileError(f"{path} has no {CONFIG_NAME}; point at a folder written by model.save() or PEFT")
         if not (resolved / WEIGHTS_NAME).is_file():
             raise AdapterFileError(f"{path} has no {WEIGHTS_NAME}; the server only reads safetensors adapter files")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not self._inside((resolved / name).resolve()):
+                raise Forbidden(f"{path}/{name} is a link to a file outside the allowed folders; copy the file instead")
         return resolved
+
+    def _inside(self, resolved: Path) -> bool:
+        return any(resolved == root or resolved.is_relative_to(root) for root in self.allowed_dirs)
 
     # ---- registering -------------------------------------------------------------------------------------------
     def add(self, name: str, path: str | Path, load_now: bool = False) -> None:
         """Register adapter ``name`` at ``path`` (loaded on first use, or now with ``load_now``)."""
         with self.lock:
+            if not isinstance(name, str) or len(name) > MAX_NAME:
+                raise ServeError(f"adapter name {shown(str(name))!r} is longer than {MAX_NAME} characters; pick a shorter one")
             try:
                 check_adapter_name(name)
             except ConfigError as error:
@@ -159,7 +187,7 @@ class AdapterRegistry:
     def require(self, name: str) -> None:
         if name != BASE and name not in self.sources:
             known = ", ".join(sorted(self.sources)[:20]) or "none"
-            raise UnknownAdapter(f"no adapter named '{name}'; known adapters: {known} (or omit model for the base)")
+            raise UnknownAdapter(f"no adapter named '{shown(name)}'; known adapters: {known} (or omit model for the base)")
 
     # ---- loading and eviction ----------------------------------------------------------------------------------
     def ensure(self, names: Iterable[str]) -> None:
@@ -182,6 +210,7 @@ class AdapterRegistry:
 
     def _load(self, name: str) -> None:
         target = self.model if self.model is not None else self.base
+        self.checked_folder(self.sources[name])  # again: a link may have been swapped in since it was registered
         try:
             model = load(target, self.sources[name], name=name, activate=False)
         except DeltatuneError:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, check_finite
 from ..io import load as load_adapter
 from ..model import DeltaModel
 
@@ -142,7 +142,13 @@ def load_trained(model: nn.Module, directory: Path) -> nn.Module:
     path = directory / BASELINE_WEIGHTS
     if not path.is_file():
         raise AdapterFileError(f"{path} is missing; the run did not finish writing its weights")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except BaseException as error:  # safetensors' SafetensorError, or a Rust PanicException, on a corrupt file
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({error}); train the run again") from error
+    check_finite(tensors, directory)
     own = model.state_dict()
     bad = [k for k, v in tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
     if bad:

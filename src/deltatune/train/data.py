@@ -233,6 +233,9 @@ def _as_label(value: Any) -> int | str:
     raise DataError(f"label {value!r} is neither an integer nor a string")
 
 
+MAX_CLASSES = 10_000  # a classifier head over more classes than this is a data error (a stray id or a typo)
+
+
 def label_space(train_rows: list[dict[str, Any]], field: str) -> list[str] | int:
     """Label names (sorted strings) when labels are strings, else the number of integer classes."""
     values = []
@@ -243,8 +246,20 @@ def label_space(train_rows: list[dict[str, Any]], field: str) -> list[str] | int
     if all(isinstance(v, int) for v in values):
         if min(values) < 0:
             raise DataError(f"train labels must be >= 0 (found {min(values)}); unlabeled rows cannot be trained on")
+        if max(values) >= MAX_CLASSES:
+            row = values.index(max(values))
+            raise DataError(
+                f"train row {row} has label {max(values)}, which would make {max(values) + 1:,} classes (limit "
+                f"{MAX_CLASSES:,}); fix that row, or number the classes 0..K-1"
+            )
         return max(values) + 1
-    return sorted({str(v) for v in values})
+    names = sorted({str(v) for v in values})
+    if len(names) > MAX_CLASSES:
+        raise DataError(
+            f"the train labels have {len(names):,} distinct values (limit {MAX_CLASSES:,} classes); is --label-field "
+            f"'{field}' a free-text or id column? Point it at the class column"
+        )
+    return names
 
 
 def label_ids(rows: list[dict[str, Any]], field: str, space: list[str] | int, split: str) -> list[int]:

@@ -32,10 +32,15 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     from safetensors import safe_open
 
     shapes = {}
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    except BaseException as error:  # SafetensorError, or a Rust PanicException on a truncated file
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({error}); save the adapter again") from error
     return shapes
 
 

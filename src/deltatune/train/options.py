@@ -188,13 +188,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"reading {path.name} needs pyyaml (pip install pyyaml), or write the config as JSON") from None
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        except (yaml.YAMLError, RecursionError) as error:
+            raise ConfigError(f"{path} is not valid YAML: {error or 'nested too deeply'}") from error
     else:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from error
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise ConfigError(f"{path} is not valid JSON: {error or 'nested too deeply'}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of option names to values")
     return data

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -21,6 +22,7 @@ from ..model import DeltaModel
 from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_trainable, save_trained
 from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
+from .health import head_lr, run_warnings
 from .models import (
     head_modules,
     load_model,
@@ -33,6 +35,7 @@ from .models import (
     unwrap_hf,
 )
 from .options import BASELINES, build_configs, default_lr, method_parts
+from .preflight import check_metric, check_out_folder, clean_leftovers
 from .settings import RunSettings
 from .tasks import evaluate
 
@@ -116,9 +119,10 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None  # anything else was not written by deltatune
 
 
 def write_run(run_dir: Path, record: dict[str, Any]) -> None:
@@ -127,9 +131,13 @@ def write_run(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def check_run_folder(settings: RunSettings, run_dir: Path, overwrite: bool = False) -> None:
-    """A run folder with a previous run may only be continued with the same settings (``--resume``)."""
+    """A run folder with a previous run may only be continued with the same settings (``--resume``); a run that
+    failed before writing a checkpoint has nothing to continue, so it may be started over."""
+    check_out_folder(run_dir, read_run)
     previous = read_run(run_dir)
     if previous is None or overwrite:
+        return
+    if previous.get("status") in ("failed", "interrupted") and not (run_dir / CHECKPOINT).is_file():
         return
     if not settings.resume:
         raise ConfigError(
@@ -140,6 +148,20 @@ def check_run_folder(settings: RunSettings, run_dir: Path, overwrite: bool = Fal
     changed = sorted(k for k, v in settings.identity().items() if old.get(k) != v)
     if changed:
         raise ConfigError(f"cannot resume {run_dir}: settings changed ({', '.join(changed)}); use the original settings or another --out")
+
+
+def _with_head_lr(
+    settings: RunSettings, lr: float, fresh_head: bool, baseline: bool, record: dict[str, Any], main: bool
+) -> RunSettings:
+    """The settings the trainer uses: ``head_lr`` filled in for a fresh head (``health.head_lr``), said aloud."""
+    chosen = head_lr(settings.head_lr, lr, fresh_head, baseline)
+    record["head_lr"] = chosen or lr
+    if chosen == settings.head_lr:
+        return settings
+    if main and not settings.quiet:
+        print(f"head lr {chosen:g}: the fresh task head trains at least at this rate (the adapters at --lr {lr:g}); "
+              f"--head-lr sets it", flush=True)
+    return dataclasses.replace(settings, head_lr=chosen)
 
 
 def count(model: nn.Module) -> tuple[int, int]:
@@ -160,12 +182,24 @@ def run_training(
     Under a multi-process launcher (torchrun, ``--nproc``) the run is data-parallel (DDP, or FSDP2 with
     ``shard``); rank 0 writes every file (see ``deltatune.train.distributed``)."""
     from .distributed import setup
+    from .trainer import Interrupted
 
-    return _run_training(settings, overwrite, on_step, setup(shard))
+    dist = setup(shard)
+    started: dict[str, Any] = {}
+    try:
+        return _run_training(settings, overwrite, on_step, dist, started)
+    except BaseException as error:  # a run that stops anywhere after it was recorded is recorded as stopped
+        record = started.get("record")
+        if record is not None and record.get("status") == "running" and (dist is None or dist.is_main):
+            stopped = isinstance(error, (KeyboardInterrupt, Interrupted))
+            record.update(status="interrupted" if stopped else "failed", error=f"{type(error).__name__}: {error}")
+            write_run(Path(settings.out), record)
+        raise
 
 
 def _run_training(
-    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any
+    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any,
+    started: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from ..report import plot_run
     from .trainer import Interrupted, Trainer, TrainingError
@@ -195,11 +229,13 @@ def _run_training(
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(run_dir)
     if main and overwrite and not settings.resume:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(settings, tokenizer)
+    check_metric(settings.metric, data.task)
     lr = settings.lr or default_lr(method)
     record: dict[str, Any] = {
         "status": "running", "settings": settings.to_dict(), "model_path": model_path, "task": data.task,
@@ -207,9 +243,12 @@ def _run_training(
         "config": recorded,
     }
     record_run(record)
+    if started is not None:
+        started["record"] = record
     model, fresh = load_model(model_path, data.task, data.num_classes or 2,
                               data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
     heads = head_modules(model, fresh, data.task)
+    trainer_settings = _with_head_lr(settings, lr, bool(fresh), method in BASELINES, record, main)
     if settings.quantize:
         quantize_base(model, settings.quantize, configs is None, method)
     model = prepare_method(model, method, configs, heads, data.task, settings.k)
@@ -225,7 +264,7 @@ def _run_training(
         record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "shard": dist.shard}
     save = dist.save_trained if dist is not None else save_trained
     trainer = Trainer(
-        model, settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
+        model, trainer_settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
         data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
         head_params=trainable_head_params(model, heads),
     )
@@ -255,6 +294,10 @@ def _run_training(
                              data.num_classes, settings.bf16)
         results["test"] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
     results["test_metric"] = results.get("test", {}).get(trainer.metric)
+    test_labels = data.encoded["test"].labels if "test" in data.encoded and data.task == "classification" else None
+    results["warnings"] = run_warnings(trainer.history, lr, evaluated if test_labels else None, test_labels, data.labels, "test")
+    for warning in results["warnings"] if main else []:
+        print(f"deltatune: warning: {warning}", file=sys.stderr, flush=True)
     results["peak_rss_bytes"] = peak_rss_bytes()
     results["adapter_bytes"] = artifact_size(run_dir)
     record.update(status="done", results=results)

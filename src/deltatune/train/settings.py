@@ -79,6 +79,10 @@ class RunSettings:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from .preflight import check_numbers, check_optimizer
+
+        check_numbers(self)
+        check_optimizer(self.optimizer, self.optimizer_args)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

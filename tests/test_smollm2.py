@@ -20,6 +20,8 @@ from deltatune.train.bundled import (
 )
 from deltatune.train.models import load_model, load_tokenizer, resolve_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_converted_folder_is_plain_and_equals_gguf_model(smollm2):
     folder = Path(smollm2.path)

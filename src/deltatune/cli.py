@@ -142,15 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_options(compare)
     add_common(compare)
 
-    ev = sub.add_parser("eval", help="evaluate a base model with an adapter / run folder")
+    ev = sub.add_parser("eval", help="evaluate a base model with an adapter / run folder, or the base model alone")
     ev.add_argument("--model", help="base model (default: the one recorded in the run folder)")
-    ev.add_argument("--adapter", help="adapter or run folder")
+    ev.add_argument("--adapter", help="adapter or run folder (none: evaluate the base model itself)")
     ev.add_argument("--split", help="comma list of splits (default: dev and test)")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--quantize", choices=("nf4",), help="quantize the base to NF4 (default: as it was trained)")
     ev.add_argument("--predictions", help="write per-row predictions and logits to this jsonl file")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--generate", action="store_true", help="causal LM: also decode each prompt greedily and report "
+                    "exact_match of the answers (--predictions FILE keeps prompt, reference, generated, correct)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="--generate: tokens per answer at most (256)")
+    ev.add_argument("--answer-regex", metavar="REGEX", help="--generate: the answer is the last match (its first group "
+                    "if any); default: the text after the last '####', else the last number")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     add_data(ev, eval_only=True)
     add_common(ev)
 

@@ -45,6 +45,7 @@ class DataBundle:
     labels: list[str] | int | None
     encoded: dict[str, Encoded]
     info: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # the raw rows behind ``encoded``
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +80,7 @@ def prepare_data(
                 info.setdefault("skipped", []).append(f"{split} (no labels)")
                 del splits[split]
     encoded: dict[str, Encoded] = {}
+    raw: dict[str, list[dict[str, Any]]] = {}
     info["subset"] = {}
     for split, rows in splits.items():
         if (only is not None and split not in only) or split in skip:
@@ -86,12 +88,13 @@ def prepare_data(
         limit = settings.max_train if split == "train" else settings.max_eval
         rows, indices = subset(rows, limit, settings.seed)
         info["subset"][split] = {"seed": settings.seed, "size": len(rows), "indices": indices}
+        raw[split] = rows
         if task == "classification":
             encoded[split] = encode_classification(tokenizer, rows, fields, labels, settings.max_length, split)
         else:
             encoded[split] = encode_causal_lm(tokenizer, rows, fields, settings.max_length, split, settings.chat_template)
             report_truncation(encoded[split], split, settings.max_length, info)
-    return DataBundle(task, labels if task == "classification" else None, encoded, info)
+    return DataBundle(task, labels if task == "classification" else None, encoded, info, raw)
 
 
 def report_truncation(data: Encoded, split: str, max_length: int, info: dict[str, Any]) -> None:

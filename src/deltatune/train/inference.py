@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError, MergeError
@@ -103,6 +104,8 @@ def load_for_inference(
 def run_eval(args: Any) -> dict[str, Any]:
     """Metrics per split of a run / adapter folder, or of the base model itself when there is no ``--adapter``;
     with ``--generate`` (causal LM) also the exact match of greedily generated answers."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     adapter = Path(args.adapter) if args.adapter else None
     info = artifact_info(adapter)
     settings = RunSettings(

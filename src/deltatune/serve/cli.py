@@ -19,7 +19,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to the ``deltatune`` subparsers."""
     p = sub.add_parser("serve", help="serve many adapters on one base over HTTP (mixed-adapter batches)",
                        description="HTTP JSON service: POST /v1/classify, /v1/completions; GET/POST/DELETE /v1/adapters")
-    p.add_argument("--model", required=True, help="base model: local HF folder, hub id (online), or 'minilm'")
+    p.add_argument("--model", required=True, help="base model: local HF folder, hub id (online), 'minilm' or 'smollm2'")
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=PATH|DIR",
                    help="adapter folders: NAME=PATH, one adapter folder, or a folder of adapter folders (loaded lazily)")
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
@@ -87,7 +87,8 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     engine = Engine(base, tokenizer, registry, task=task or infer_task(base), max_length=args.max_length,
                     max_tokens=args.max_tokens)
     api_key = os.environ.get(args.api_key_env) or None
-    app = create_app(engine, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, api_key=api_key)
+    app = create_app(engine, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, api_key=api_key,
+                     base_name=args.model)
     return app, {"host": args.host, "port": args.port, "api_key": api_key is not None}
 
 

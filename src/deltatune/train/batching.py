@@ -1,17 +1,19 @@
 """Tokenised examples, length-grouped seeded batching and dynamic padding.
 
 Classification examples: ``input_ids`` (+ ``token_type_ids``) and an integer label. Causal-LM examples:
-``input_ids`` and per-token ``labels`` where prompt tokens are -100 (ignored by the loss).
+``input_ids`` and per-token ``labels`` where prompt tokens are -100 (ignored by the loss). Padding is masked by the
+attention mask built from each row's length, never by comparing ids with the pad id (pad may equal eos, a target).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .data import DataError, Fields, label_ids, text_columns
+from .sft import encode_sft_row, row_shape
 
 IGNORE = -100
 
@@ -22,6 +24,8 @@ class Encoded:
 
     features: list[dict[str, list[int]]]
     labels: list[Any]
+    dropped: list[int] = field(default_factory=list)  # causal LM: rows whose completion --max-length cut away
+    cut: int = 0  # causal LM: rows whose completion --max-length shortened
 
     def __len__(self) -> int:
         return len(self.features)
@@ -48,34 +52,40 @@ def encode_classification(
     return Encoded(features, label_ids(rows, fields.label, space, split))
 
 
-def encode_causal_lm(tokenizer: Any, rows: list[dict[str, Any]], fields: Fields, max_length: int, split: str) -> Encoded:
-    """``text`` rows: every token is a target. ``prompt``/``completion`` rows: only completion tokens (+ EOS) are."""
+def encode_causal_lm(
+    tokenizer: Any, rows: list[dict[str, Any]], fields: Fields, max_length: int, split: str, chat: bool = False
+) -> Encoded:
+    """``text`` rows: every token is a target. Prompt/completion, ``messages`` and Alpaca rows: only completion /
+    assistant tokens are (``deltatune.train.sft``); rows left with no target by ``max_length`` are dropped and
+    listed in ``dropped``, rows whose completion was shortened counted in ``cut``."""
     if not rows:
         raise DataError(f"the {split} split is empty")
     eos = tokenizer.eos_token_id
-    features, labels = [], []
+    features, labels, dropped, cut = [], [], [], 0
     for number, row in enumerate(rows):
-        if fields.prompt in row:
-            if not isinstance(row.get(fields.completion), str):
-                raise DataError(f"{split} row {number} has '{fields.prompt}' but no '{fields.completion}' text")
-            prompt = tokenizer(row[fields.prompt])["input_ids"]
-            completion = tokenizer(row[fields.completion], add_special_tokens=False)["input_ids"]
-            completion = completion + ([eos] if eos is not None else [])
-            ids = (prompt + completion)[:max_length]
-            target = ([IGNORE] * len(prompt) + completion)[:max_length]
-        elif isinstance(row.get(fields.text), str):
+        shape = row_shape(row, fields)
+        if shape in ("prompt", "messages", "alpaca"):
+            ids, target, status = encode_sft_row(tokenizer, row, fields, shape, chat, max_length, f"{split} row {number}")
+            if status == "empty":
+                dropped.append(number)
+                continue
+            cut += status == "cut"
+        elif shape == "text":
             ids = tokenizer(row[fields.text], truncation=True, max_length=max_length)["input_ids"]
             if eos is not None and (not ids or ids[-1] != eos) and len(ids) < max_length:
                 ids = ids + [eos]
             target = list(ids)
         else:
             raise DataError(
-                f"{split} row {number} has fields {sorted(row)}; causal LM rows need '{fields.text}' or "
-                f"'{fields.prompt}'/'{fields.completion}' (see --text-field/--prompt-field/--completion-field)"
+                f"{split} row {number} has fields {sorted(row)}; causal LM rows need '{fields.text}', "
+                f"'{fields.prompt}'/'{fields.completion}', 'messages' or 'instruction'/'output' (see --text-field/"
+                f"--prompt-field/--completion-field)"
             )
         features.append({"input_ids": ids})
         labels.append(target)
-    return Encoded(features, labels)
+    if not features:
+        raise DataError(f"every {split} row lost its completion to --max-length {max_length}; raise --max-length")
+    return Encoded(features, labels, dropped, cut)
 
 
 def train_batches(data: Encoded, batch_size: int, seed: int, epoch: int, group_by_length: bool = True) -> list[list[int]]:

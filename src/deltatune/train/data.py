@@ -195,11 +195,12 @@ def detect_task(rows: list[dict[str, Any]], fields: Fields) -> str:
         return "classification"
     if fields.label != Fields.label:  # the user named a label column that is not there
         raise DataError(f"rows have fields {sorted(first)}; there is no label field '{fields.label}' (--label-field)")
-    if fields.prompt in first or fields.text in first:
+    if fields.prompt in first or fields.text in first or isinstance(first.get("messages"), list) or (
+            "instruction" in first and "output" in first):
         return "causal-lm"
     raise DataError(
         f"rows have fields {sorted(first)}; expected '{fields.label}' (classification) or '{fields.prompt}'/"
-        f"'{fields.completion}' or '{fields.text}' (causal LM). Name the columns with --label-field/--text-field/"
+        f"'{fields.completion}', 'messages', 'instruction'/'output' or '{fields.text}' (causal LM). Name the columns with --label-field/--text-field/"
         f"--prompt-field/--completion-field"
     )
 

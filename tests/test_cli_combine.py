@@ -59,3 +59,48 @@ def test_combine_bad_inputs_exit_2(runs, tmp_path, capsys, extra, message) -> No
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "x").exists()
+
+
+# ---- compare takes combined (or any existing) adapters as rows --------------------------------------------------------
+def test_compare_rows_of_existing_adapters_equal_deltatune_eval(runs, tmp_path, capsys, tiny_model) -> None:
+    data, folders = runs
+    assert main(["combine", "--adapters", f"a={folders['a']}", f"b={folders['b']}", "--type", "ties_svd", "--density",
+                 "0.5", "--rank", "2", "--head-from", "a", "--out", str(tmp_path / "ties")]) == 0
+    out = tmp_path / "cmp"
+    common = ["--data", str(data), "--model", tiny_model, "--max-length", "32"]
+    assert main(["compare", *common, "--methods", "head", "--max-steps", "2", "--adapters", f"ties={tmp_path / 'ties'}",
+                 f"lora_a={folders['a']}", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in summary["results"]}
+    assert list(rows) == ["head", "ties", "lora_a"] and rows["ties"]["status"] == "evaluated"
+    assert summary["adapters"] == {"ties": str(tmp_path / "ties"), "lora_a": str(folders["a"])}
+    for name, folder in (("ties", tmp_path / "ties"), ("lora_a", folders["a"])):
+        capsys.readouterr()
+        assert main(["eval", "--adapter", str(folder), *common, "--json"]) == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert rows[name]["dev"] == evaluated["dev"] and rows[name]["test"] == evaluated["test"]
+        assert (rows[name]["best_dev"], rows[name]["test_metric"]) == (evaluated["dev"]["accuracy"], evaluated["test"]["accuracy"])
+    trained = json.loads((folders["a"] / "run.json").read_text())["results"]
+    assert rows["lora_a"]["trainable_params"] == trained["trainable_params"]  # the adapter file's values: LoRA + head
+    assert "| ties |" in (out / "report.md").read_text()
+    # without --methods, only the rows are evaluated (nothing is trained)
+    assert main(["compare", *common, "--adapters", f"ties={tmp_path / 'ties'}", "--out", str(tmp_path / "only")]) == 0
+    assert [r["method"] for r in json.loads((tmp_path / "only" / "results.json").read_text())["results"]] == ["ties"]
+    assert sorted(p.name for p in (tmp_path / "only").iterdir() if p.is_dir()) == []
+
+
+@pytest.mark.parametrize(("adapters", "message"), [
+    (["x"], "NAME=DIR"),
+    (["lora=DIR_A"], "given twice"),
+    (["a=DIR_A", "a=DIR_B"], "given twice"),
+    (["a=/no/such/folder"], "does not exist"),
+    (["a=DATA"], "holds neither an adapter"),
+])
+def test_compare_bad_adapter_rows_fail_in_one_line_before_any_work(runs, tmp_path, capsys, adapters, message) -> None:
+    data, folders = runs
+    items = [a.replace("DIR_A", str(folders["a"])).replace("DIR_B", str(folders["b"])).replace("DATA", str(data))
+             for a in adapters]
+    code = main(["compare", "--data", str(data), "--methods", "lora", "--adapters", *items, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "x").exists()

@@ -3,8 +3,7 @@
 Method options are generated from the dataclass fields of every config class in ``deltatune.methods.METHODS``
 (``--r``, ``--alpha``, ``--targets`` ...); a field whose flag would clash with a trainer flag is set with
 ``--set FIELD=VALUE``. Methods stack with '+' (``--method lora+prefix``, see ``STACK_HELP``). Errors print one line
-and exit with 2 (1 for a failed run, 130 when interrupted);
-``--debug`` shows the traceback instead.
+and exit with 2 (1 for a failed run, 130 when interrupted); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from . import __version__
 from .chat import add_chat_parsers, add_eval_generation_options, run_chat
 from .combine_cli import add_combine_parser
 from .combine_cli import run as cmd_combine
+from .compare_adapters import add_adapter_rows_option
 from .errors import ConfigError, DeltatuneError
 
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="train several methods with the same budget; print a table",
                              description=f"methods: {methods}. {STACK_HELP}")
-    compare.add_argument("--methods", default="full,head,last-layers,lora",
-                         help="comma list, stacks allowed (full,head,last-layers,lora; e.g. lora,lora+prefix)")
+    compare.add_argument("--methods", help="comma list, stacks allowed (full,head,last-layers,lora; e.g. lora,lora+prefix)")
+    add_adapter_rows_option(compare)
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and the report (runs/compare)")
     add_data(compare)
     add_training(compare)
@@ -275,18 +275,17 @@ def launch_torchrun(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
+    from .compare_adapters import methods_and_rows
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError("--methods is empty; e.g. --methods full,head,last-layers,lora")
+    methods, rows = methods_and_rows(args.methods, args.adapters)
     peft = next((m for m in methods if m not in ("full", "head", "last-layers")), None)
     if args.config:  # the --config file belongs to the entry it names (e.g. a stack), else to the first adapter method
         from .train.options import method_from_file, read_config_file
 
         named = method_from_file(read_config_file(args.config))
         peft = named if named in methods else peft
-    settings = settings_from_args(args, peft or methods[0])
-    compare(settings, methods, Path(args.out), debug=args.debug)
+    settings = settings_from_args(args, peft or (methods[0] if methods else "lora"))
+    compare(settings, methods, Path(args.out), debug=args.debug, adapters=rows)
     return 0
 
 

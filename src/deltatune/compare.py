@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .compare_adapters import adapter_rows
 from .errors import ConfigError, DeltatuneError
 from .report import format_table, plot_compare, report_markdown
 from .train.artifacts import CHECKPOINT, atomic_write
@@ -88,8 +89,11 @@ def histories(out: Path, methods: list[str]) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def compare(base: RunSettings, methods: list[str], out: Path, debug: bool = False) -> dict[str, Any]:
-    """Run every method and write ``results.json``, ``report.md``, ``metric_vs_params.png``, ``loss_curves.png``."""
+def compare(
+    base: RunSettings, methods: list[str], out: Path, debug: bool = False, adapters: dict[str, Path] | None = None
+) -> dict[str, Any]:
+    """Run every method (and evaluate the ``adapters`` folders as rows, see ``compare_adapters``) and write
+    ``results.json``, ``report.md``, ``metric_vs_params.png``, ``loss_curves.png``."""
     out = Path(out)
     plans = method_settings(base, methods, out)
     check_compare_folder(out, read_run)
@@ -105,8 +109,10 @@ def compare(base: RunSettings, methods: list[str], out: Path, debug: bool = Fals
             continue
         print(f"== {method}: {how}", flush=True)
         results.append({**record["results"], "lr": record.get("lr"), "status": how})
+    results += adapter_rows(base, adapters or {})
     metric = results[0]["metric"] if results else (base.metric or "accuracy")
-    summary = {"settings": base.to_dict(), "methods": methods, "metric": metric, "results": results, "failures": failures}
+    summary = {"settings": base.to_dict(), "methods": methods, "metric": metric, "results": results, "failures": failures,
+               "adapters": {name: str(folder) for name, folder in (adapters or {}).items()}}
     text = json.dumps(summary, indent=2, default=str) + "\n"
     atomic_write(out / "results.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
     plots = plot_compare(results, histories(out, [r["method"] for r in results]), out, metric) if results else []

@@ -125,7 +125,8 @@ def plot_compare(results: list[dict[str, Any]], histories: dict[str, list[dict[s
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], linewidth=1, label=method)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    ax.legend()
+    if histories:  # rows evaluated from --adapters folders have no training curve
+        ax.legend()
     fig.tight_layout()
     paths.append(out / "loss_curves.png")
     fig.savefig(paths[-1], dpi=100)

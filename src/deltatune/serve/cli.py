@@ -35,6 +35,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a completion may ask for (256)")
     p.add_argument("--api-key-env", default="DELTATUNE_API_KEY",
                    help="environment variable holding the API key for the adapter endpoints (DELTATUNE_API_KEY)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the base once the first adapter is loaded; "
+                   "--max-loaded LoRA slots of rank --max-rank take every later adapter by hot-swap (no recompiling)")
+    p.add_argument("--max-rank", type=int, help="with --compile: the largest LoRA rank an adapter may have (64)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -53,6 +56,17 @@ def parse_sources(values: list[str]) -> tuple[list[tuple[str, Path]], list[Path]
         else:
             folders.append(Path(value))
     return named, folders
+
+
+def compiled_slots(args: argparse.Namespace) -> Any:
+    """``--compile``: the slots adapters are hot-swapped into (``deltatune.serve.compiled``); else None."""
+    from .compiled import CompiledSlots
+
+    if not args.compile:
+        if args.max_rank is not None:
+            raise ConfigError("--max-rank goes with --compile (the slots' rank); add --compile or drop --max-rank")
+        return None
+    return CompiledSlots(args.max_loaded, 64 if args.max_rank is None else args.max_rank)
 
 
 def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -79,7 +93,7 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     base, _ = load_model(path, "classification" if task == "classify" else "causal-lm", num_labels=args.num_labels,
                          pad_id=tokenizer.pad_token_id)
     allowed = [p for _, p in named] + folders + [Path(d) for d in args.allow_dir]
-    registry = AdapterRegistry(base, allowed, max_loaded=args.max_loaded)
+    registry = AdapterRegistry(base, allowed, max_loaded=args.max_loaded, compiled=compiled_slots(args))
     for name, folder in named:
         registry.add(name, folder)
     for folder in folders:

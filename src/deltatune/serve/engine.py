@@ -106,7 +106,7 @@ class Engine:
             model.set_adapter(names[0])
             return getattr(model, method)(**kwargs)
         if hasattr(model, "configs"):
-            kwargs["adapter_names"] = names
+            kwargs["adapter_names"] = [self.registry.row_name(name) for name in names]
         return getattr(model, method)(**kwargs)
 
     def _classify(self, items: list[Item]) -> list[dict[str, Any]]:

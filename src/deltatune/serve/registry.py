@@ -25,6 +25,7 @@ from ..layers import BASE
 from ..methods.base import LayerDeltaConfig
 from ..methods.prefix import PrefixTuningConfig
 from ..model import DeltaModel, check_adapter_name
+from .compiled import CompiledSlots
 from .virtual import CAUSAL_SUFFIXES
 
 
@@ -67,7 +68,12 @@ def check_path_text(path: str | Path) -> None:
 class AdapterRegistry:
     """Adapters known by name; at most ``max_loaded`` of them live on ``base`` at once (least recently used go)."""
 
-    def __init__(self, base: nn.Module, allowed_dirs: Iterable[str | Path] = (), max_loaded: int = 8) -> None:
+    def __init__(
+        self, base: nn.Module, allowed_dirs: Iterable[str | Path] = (), max_loaded: int = 8,
+        compiled: CompiledSlots | None = None,
+    ) -> None:
+        """``compiled``: serve from a ``torch.compile``'d base whose adapters are hot-swapped into fixed slots
+        (``serve --compile``; see ``deltatune.serve.compiled``)."""
         if max_loaded < 1:
             raise ConfigError(f"max_loaded must be at least 1, got {max_loaded}")
         self.base = base
@@ -79,6 +85,7 @@ class AdapterRegistry:
         self.loads = 0
         self.evictions = 0
         self.combined_dir: Path | None = None  # where combinations made by ``combine`` are written
+        self.compiled = compiled
         self.lock = threading.RLock()
 
     # ---- which folders may be read -------------------------------------------------------------------------------
@@ -152,7 +159,10 @@ class AdapterRegistry:
                 self.unload(next(n for n in self.loaded if n not in adapters))
                 self.evictions += 1
             assert self.model is not None
-            report = self.model.add_weighted_adapter(adapters, weights, name, **options)
+            inputs = [self.row_name(a) for a in adapters]
+            if options.get("modules_to_save_from"):
+                options = {**options, "modules_to_save_from": self.row_name(options["modules_to_save_from"])}
+            report = self.model.add_weighted_adapter(inputs, weights, name, **options)
             if self.combined_dir is None:
                 self.combined_dir = Path(tempfile.mkdtemp(prefix="deltatune-combined-"))
                 self.allow(self.combined_dir)  # the server's own folder: an evicted combination reloads from it
@@ -161,8 +171,11 @@ class AdapterRegistry:
             except BaseException:
                 self.model.delete_adapter(name)
                 raise
+            if self.compiled is not None:  # compiled: the file is swapped into a slot at first use
+                self.model.delete_adapter(name)
             self.sources[name] = self.combined_dir / name
-            self.loaded[name] = None
+            if self.compiled is None:
+                self.loaded[name] = None
             return {"relative_error": report.relative_error, "ranks": sorted(set(report.ranks.values()))}
 
     def scan(self, directory: str | Path) -> list[str]:
@@ -213,7 +226,10 @@ class AdapterRegistry:
         target = self.model if self.model is not None else self.base
         self.checked_folder(self.sources[name])  # again: a link may have been swapped in since it was registered
         try:
-            model = load(target, self.sources[name], name=name, activate=False)
+            if self.compiled is not None:
+                model = self.compiled.load(self.base, self.model, name, self.sources[name])
+            else:
+                model = load(target, self.sources[name], name=name, activate=False)
         except DeltatuneError:
             raise
         except Exception as error:  # e.g. a tensor shape torch refuses
@@ -227,10 +243,20 @@ class AdapterRegistry:
         with self.lock:
             if name in self.loaded:
                 assert self.model is not None
-                self.model.delete_adapter(name)
+                if self.compiled is not None:
+                    self.compiled.unload(name)
+                else:
+                    self.model.delete_adapter(name)
                 del self.loaded[name]
 
     # ---- using ---------------------------------------------------------------------------------------------------
+    def row_name(self, name: str) -> str:
+        """The ``adapter_names`` entry of adapter ``name`` in the model (its slot when compiled)."""
+        return self.compiled.slot_of(name) if self.compiled is not None and name in self.loaded else name
+
+    def _config(self, name: str) -> Any:
+        return self.model.configs.get(self.row_name(name)) if self.model is not None else None
+
     def runner(self) -> nn.Module:
         """The module to call: the ``DeltaModel`` once any adapter was loaded, else the plain base."""
         return self.model if self.model is not None else self.base
@@ -241,7 +267,7 @@ class AdapterRegistry:
         Layer methods always can; prefix tuning / P-tuning v2 can when the model takes ``position_ids``; prompt
         tuning / P-tuning only in causal LMs (their rows are padded to the widest prompt; see ``virtual.py``).
         """
-        config = self.model.configs.get(name) if self.model is not None else None
+        config = self._config(name)
         if config is None or isinstance(config, LayerDeltaConfig):
             return True
         if "position_ids" not in inspect.signature(self.base.forward).parameters:
@@ -255,7 +281,7 @@ class AdapterRegistry:
             rows = []
             for name in sorted(self.sources):
                 entry: dict[str, Any] = {"name": name, "loaded": name in self.loaded}
-                config = self.model.configs.get(name) if self.model is not None else None
+                config = self._config(name)
                 if config is not None:
                     entry["method"] = getattr(type(config), "method", type(config).__name__)
                 rows.append(entry)

@@ -22,7 +22,7 @@ from ..model import DeltaModel
 from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_trainable, save_trained
 from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
-from .health import head_lr, run_warnings
+from .health import head_lr, run_health
 from .models import (
     head_modules,
     load_model,
@@ -169,14 +169,24 @@ def check_run_folder(settings: RunSettings, run_dir: Path, overwrite: bool = Fal
 
 
 def _with_head_lr(
-    settings: RunSettings, lr: float, fresh_head: bool, baseline: bool, record: dict[str, Any], main: bool
+    settings: RunSettings, lr: float, fresh_head: bool, baseline: bool, record: dict[str, Any], main: bool,
+    previous: dict[str, Any] | None = None,
 ) -> RunSettings:
-    """The settings the trainer uses: ``head_lr`` filled in for a fresh head (``health.head_lr``), said aloud."""
+    """The settings the trainer uses: ``head_lr`` filled in for a fresh head (``health.head_lr``), said aloud.
+
+    Resuming (``previous``: the run's earlier record), the head keeps the rate the run was started with, as
+    ``run.json`` recorded it (runs from before the floor, or under an older floor, resume exactly)."""
     chosen = head_lr(settings.head_lr, lr, fresh_head, baseline)
+    if previous is not None and settings.head_lr is None:
+        recorded = previous.get("head_lr", lr)  # no head_lr recorded: the head trained at --lr
+        chosen = None if recorded == lr else float(recorded)
+        if main and not settings.quiet and chosen != head_lr(None, lr, fresh_head, baseline):
+            print(f"head lr {recorded:g}: as this run was started (run.json); new runs use the floor {lr:g} -> "
+                  f"{head_lr(None, lr, fresh_head, baseline) or lr:g}", flush=True)
     record["head_lr"] = chosen or lr
     if chosen == settings.head_lr:
         return settings
-    if main and not settings.quiet:
+    if main and not settings.quiet and previous is None:
         print(f"head lr {chosen:g}: the fresh task head trains at least at this rate (the adapters at --lr {lr:g}); "
               f"--head-lr sets it", flush=True)
     return dataclasses.replace(settings, head_lr=chosen)
@@ -215,22 +225,8 @@ def run_training(
         raise
 
 
-def _run_training(
-    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any,
-    started: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    from ..report import plot_run
-    from .trainer import Interrupted, Trainer, TrainingError
-
-    main = dist is None or dist.is_main
-
-    def record_run(record: dict[str, Any]) -> None:
-        if main:
-            write_run(run_dir, record)
-
-    quiet_transformers()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+def _method_configs(settings: RunSettings) -> tuple[str, Any, Any]:
+    """(method, [(name, config)] or None for a baseline, the config(s) as recorded in ``run.json``)."""
     method = "+".join(method_parts(settings.method))
     if method in BASELINES and (settings.method_options or settings.config_values):
         given = ", ".join("--" + k.replace("_", "-") for k in [*settings.method_options, *settings.config_values])
@@ -239,10 +235,13 @@ def _run_training(
     recorded: Any = None  # run.json: a single method's PEFT config, or {adapter name: PEFT config} for a stack
     if configs is not None:
         recorded = {n: c.to_peft_dict() for n, c in configs} if len(configs) > 1 else configs[0][1].to_peft_dict()
-    run_dir = Path(settings.out)
-    check_run_folder(settings, run_dir, overwrite)
-    if read_run(run_dir) and settings.resume and (read_run(run_dir) or {}).get("status") == "done":
-        return read_run(run_dir) or {}
+    return method, configs, recorded
+
+
+def _prepare_folder(settings: RunSettings, run_dir: Path, overwrite: bool, dist: Any, main: bool) -> dict[str, Any] | None:
+    """Ready the (checked) run folder; returns the earlier record when this run resumes from its checkpoint."""
+    previous = read_run(run_dir)
+    resuming = previous if settings.resume and previous is not None and (run_dir / CHECKPOINT).is_file() else None
     if dist is not None:
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if main:
@@ -250,6 +249,96 @@ def _run_training(
         clean_leftovers(run_dir)
     if main and overwrite and not settings.resume:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return resuming
+
+
+def _build_model(
+    settings: RunSettings, model_path: str, data: DataBundle, method: str, configs: Any, lr: float, pad_id: int,
+    record: dict[str, Any], main: bool, previous: dict[str, Any] | None,
+) -> tuple[nn.Module, RunSettings, list[str]]:
+    """(the model with the method applied, the trainer's settings, the head's module paths)."""
+    model, fresh = load_model(model_path, data.task, data.num_classes or 2,
+                              data.labels if isinstance(data.labels, list) else None, settings.seed, pad_id)
+    heads = head_modules(model, fresh, data.task)
+    trainer_settings = _with_head_lr(settings, lr, bool(fresh), method in BASELINES, record, main, previous)
+    if settings.quantize:
+        quantize_base(model, settings.quantize, configs is None, method)
+    model = prepare_method(model, method, configs, heads, data.task, settings.k)
+    if settings.gradient_checkpointing:
+        hf = unwrap_hf(model)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf.config, "use_cache"):
+            hf.config.use_cache = False
+    return model, trainer_settings, heads
+
+
+def _results(trainer: Any, summary: dict[str, Any], model: nn.Module, data: DataBundle, settings: RunSettings,
+             method: str, lr: float, counts: tuple[int, int], pad_id: int) -> dict[str, Any]:
+    """The run's results: sizes, times, best dev, test metrics of the kept weights, health and warnings."""
+    trainable, total = counts
+    results: dict[str, Any] = {
+        "method": method, "trainable_params": trainable, "total_params": total,
+        "trainable_pct": 100.0 * trainable / max(total, 1), "steps": summary["steps"],
+        "train_time_s": summary["train_time"], "s_per_step": summary["train_time"] / max(summary["steps"], 1),
+        "tokens": summary["tokens"], "metric": trainer.metric, "best_dev": summary["best"], "best_step": summary["best_step"],
+    }
+    best_eval = [r for r in trainer.history if r["type"] == "eval" and r["step"] == summary["best_step"]]
+    if best_eval:  # the dev metrics of the kept weights were computed when they were kept
+        results["dev"] = {k: v for k, v in best_eval[-1].items() if k not in ("type", "split", "step", "epoch")}
+    tested = None
+    if "test" in data.encoded:
+        tested = evaluate(model, data.encoded["test"], data.task, pad_id, settings.eval_batch_size, data.num_classes,
+                          settings.bf16)
+        results["test"] = {k: v for k, v in tested.items() if isinstance(v, (int, float))}
+    results["test_metric"] = results.get("test", {}).get(trainer.metric)
+    results["health"], results["warnings"] = _health(trainer.history, model, data, settings, lr, tested, pad_id)
+    return results
+
+
+def _health(history: list[dict[str, Any]], model: nn.Module, data: DataBundle, settings: RunSettings, lr: float,
+            tested: dict[str, Any] | None, pad_id: int) -> tuple[str, list[str]]:
+    """``health.run_health`` of the run: the majority-class check on the test split, else on the dev split (the
+    kept weights' predictions), for classification."""
+    split = "test" if "test" in data.encoded else "dev" if "dev" in data.encoded else None
+    evaluated = None
+    if data.task == "classification" and split is not None:
+        evaluated = tested if split == "test" else evaluate(
+            model, data.encoded[split], data.task, pad_id, settings.eval_batch_size, data.num_classes, settings.bf16)
+    labels = data.encoded[split].labels if evaluated is not None and split is not None else None
+    return run_health(history, lr, evaluated, labels, data.labels, split or "test")
+
+
+def _fit(trainer: Any, settings: RunSettings, record: dict[str, Any], run_dir: Path, main: bool) -> dict[str, Any]:
+    """``trainer.fit``; a stop (Ctrl-C, a failed step) is recorded in ``run.json`` before it propagates."""
+    from .trainer import Interrupted, TrainingError
+
+    try:
+        return trainer.fit(resume=settings.resume)
+    except (Interrupted, TrainingError, KeyboardInterrupt) as error:
+        record["status"] = "interrupted" if not isinstance(error, TrainingError) else "failed"
+        record["error"] = str(error)
+        if main:
+            write_run(run_dir, record)
+        raise
+
+
+def _run_training(
+    settings: RunSettings, overwrite: bool, on_step: Callable[[Any, dict[str, Any]], None] | None, dist: Any,
+    started: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from ..report import plot_run
+    from .trainer import Trainer
+
+    main, run_dir = dist is None or dist.is_main, Path(settings.out)
+    quiet_transformers()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    method, configs, recorded = _method_configs(settings)
+    check_run_folder(settings, run_dir, overwrite)
+    finished = read_run(run_dir)
+    if finished and settings.resume and finished.get("status") == "done":
+        return finished
+    previous = _prepare_folder(settings, run_dir, overwrite, dist, main)
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(settings, tokenizer)
@@ -260,68 +349,36 @@ def _run_training(
         "labels": data.labels, "lr": lr, "head_lr": settings.head_lr or lr, "versions": versions(), "data": data.info,
         "config": recorded,
     }
-    record_run(record)
+    if main:
+        write_run(run_dir, record)
     if started is not None:
         started["record"] = record
-    model, fresh = load_model(model_path, data.task, data.num_classes or 2,
-                              data.labels if isinstance(data.labels, list) else None, settings.seed, tokenizer.pad_token_id)
-    heads = head_modules(model, fresh, data.task)
-    trainer_settings = _with_head_lr(settings, lr, bool(fresh), method in BASELINES, record, main)
-    if settings.quantize:
-        quantize_base(model, settings.quantize, configs is None, method)
-    model = prepare_method(model, method, configs, heads, data.task, settings.k)
-    if settings.gradient_checkpointing:
-        hf = unwrap_hf(model)
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(hf.config, "use_cache"):
-            hf.config.use_cache = False
-    trainable, total = count(model)
+    pad_id = tokenizer.pad_token_id
+    model, trainer_settings, heads = _build_model(settings, model_path, data, method, configs, lr, pad_id, record, main,
+                                                  previous)
+    counts = count(model)
     info = {"base_model": model_path, "task": data.task, "labels": data.labels, "quantize": settings.quantize}
     if dist is not None:
         dist.prepare(model)
         record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "shard": dist.shard}
     save = dist.save_trained if dist is not None else save_trained
-    trainer = Trainer(
-        model, trainer_settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, tokenizer.pad_token_id,
-        data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
-        head_params=trainable_head_params(model, heads),
-    )
+    trainer = Trainer(model, trainer_settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, pad_id,
+                      data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
+                      head_params=trainable_head_params(model, heads))
     torch.manual_seed(settings.seed + 1)  # dropout stream, independent of how the head was initialised
-    started = time.time()
-    try:
-        summary = trainer.fit(resume=settings.resume)
-    except (Interrupted, TrainingError, KeyboardInterrupt) as error:
-        record["status"] = "interrupted" if not isinstance(error, TrainingError) else "failed"
-        record["error"] = str(error)
-        record_run(record)
-        raise
+    began = time.time()
+    summary = _fit(trainer, settings, record, run_dir, main)
     if trainer.best_state is not None:  # test metrics are those of the kept (best-dev) weights
         (dist.restore_trainable if dist is not None else restore_trainable)(model, trainer.best_state)
-    results: dict[str, Any] = {
-        "method": method, "trainable_params": trainable, "total_params": total,
-        "trainable_pct": 100.0 * trainable / max(total, 1), "steps": summary["steps"],
-        "train_time_s": summary["train_time"], "s_per_step": summary["train_time"] / max(summary["steps"], 1),
-        "tokens": summary["tokens"], "metric": trainer.metric, "best_dev": summary["best"], "best_step": summary["best_step"],
-        "wall_time_s": time.time() - started,
-    }
-    best_eval = [r for r in trainer.history if r["type"] == "eval" and r["step"] == summary["best_step"]]
-    if best_eval:  # the dev metrics of the kept weights were computed when they were kept
-        results["dev"] = {k: v for k, v in best_eval[-1].items() if k not in ("type", "split", "step", "epoch")}
-    if "test" in data.encoded:
-        evaluated = evaluate(dist.eval_model if dist is not None else model, data.encoded["test"], data.task, tokenizer.pad_token_id, settings.eval_batch_size,
-                             data.num_classes, settings.bf16)
-        results["test"] = {k: v for k, v in evaluated.items() if isinstance(v, (int, float))}
-    results["test_metric"] = results.get("test", {}).get(trainer.metric)
-    test_labels = data.encoded["test"].labels if "test" in data.encoded and data.task == "classification" else None
-    results["warnings"] = run_warnings(trainer.history, lr, evaluated if test_labels else None, test_labels, data.labels, "test")
+    eval_model = dist.eval_model if dist is not None else model
+    results = _results(trainer, summary, eval_model, data, settings, method, lr, counts, pad_id)
     for warning in results["warnings"] if main else []:
         print(f"deltatune: warning: {warning}", file=sys.stderr, flush=True)
-    results["peak_rss_bytes"] = peak_rss_bytes()
-    results["adapter_bytes"] = artifact_size(run_dir)
+    results.update(wall_time_s=time.time() - began, peak_rss_bytes=peak_rss_bytes(), adapter_bytes=artifact_size(run_dir))
     record.update(status="done", results=results)
     record.pop("error", None)
-    record_run(record)
     if main:
+        write_run(run_dir, record)
         plot_run(trainer.history, run_dir / "training.png", title=f"{method} on {Path(settings.data).name}", metric=trainer.metric)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return record

@@ -193,8 +193,8 @@ class Trainer:
             self.dist.restore_trainable(self.model, state["trainable"])
             self.dist.load_optimizer_state(self.optimizer, state["optimizer"])
         else:
+            self._load_optimizer(state["optimizer"])
             restore_trainable(self.model, state["trainable"])
-            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -204,6 +204,19 @@ class Trainer:
         self.best_state = state["best_state"] or None
         self.train_time, self.tokens = state["train_time"], state["tokens"]
         self._rewrite_metrics()
+
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        """The checkpoint's optimizer state; one whose parameter groups differ (another --head-lr, --loraplus-ratio
+        or deltatune version) is refused in one line naming the fix, before anything changed."""
+        groups, built = saved.get("param_groups", []), self.optimizer.param_groups
+        if len(groups) != len(built) or any(len(g["params"]) != len(b["params"]) for g, b in zip(groups, built)):
+            lrs = ", ".join(f"{g.get('initial_lr', g.get('lr')):g}" for g in groups)
+            raise ConfigError(
+                f"{self.checkpoint_path} holds optimizer state for {len(groups)} parameter groups (learning rates {lrs}) "
+                f"but this run builds {len(built)}: it was written with another --head-lr or --loraplus-ratio; resume "
+                f"with the --head-lr it was started with, or pass --overwrite to start over"
+            )
+        self.optimizer.load_state_dict(saved)
 
     # ---- metrics -----------------------------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:

@@ -224,3 +224,53 @@ def test_eval_of_a_baseline_run_with_bad_weights_is_one_line(tmp_path, capsys, d
         message = "not a readable safetensors file"
     capsys.readouterr()
     assert message in one_line_error(capsys, ["eval", "--adapter", str(out), "--data", str(data_dir)])
+
+
+# ---- class 8: a model.save() killed mid-write anywhere (not only in a run folder) leaves no lasting temp files --------
+KILLED_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import safetensors.torch
+import deltatune as dt
+from conftest import MLP
+
+def dying_save(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+        f.write(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = dying_save
+dt.wrap(MLP(), dt.LoraConfig(targets=["fc1"], r=2)).save({folder!r})
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_temp_files_of_a_killed_save_are_removed_by_the_next_save_there(tmp_path, existing):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "somewhere" / "adapter"  # any folder: no run owns it
+    model = dt.wrap(MLP(), dt.LoraConfig(targets=["fc1"], r=2))
+    if existing:
+        model.save(folder)
+    script = KILLED_SAVE.format(tests=str(Path(__file__).parent), folder=str(folder))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    stale = []
+    for _ in range(2):  # two killed writers: the second removes the first one's leftover before it dies
+        assert subprocess.run([sys.executable, "-c", script], env=env).returncode == -9
+        stale.append(sorted(folder.glob(".*.tmp")))
+    assert [len(found) for found in stale] == [1, 1] and stale[0] != stale[1]
+    assert stale[1][0].name.startswith(f".{WEIGHTS_NAME}.")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a write in progress in a live process (or in this one) is never touched
+        alive = [folder / f".{WEIGHTS_NAME}.{sleeper.pid}-abc.tmp", folder / f".{CONFIG_NAME}.{os.getpid()}-xyz.tmp"]
+        for path in alive:
+            path.write_text("mid-write")
+        model.save(folder)
+        assert sorted(folder.glob(".*.tmp")) == sorted(alive)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert dt.load(MLP(), folder).configs["default"].r == 2  # the real files are whole
+    model.save(folder)  # the sleeper is gone: its file is stale now
+    assert sorted(folder.glob(".*.tmp")) == [alive[1]]

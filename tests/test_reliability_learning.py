@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conftest import sst2_slice
 from deltatune.cli import main
 from deltatune.report import report_markdown
-from deltatune.train.health import FRESH_HEAD_LR, divergence, head_lr, majority_level, run_warnings
+from deltatune.train.health import FRESH_HEAD_LR, divergence, head_lr, majority_level, run_health, run_warnings
 
 HYPO = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -146,3 +146,107 @@ def test_compare_report_lists_the_warnings():
     assert "## warnings" in report
     assert "- **lora**: test accuracy 0.500 is no better than always predicting the majority class" in report
     assert "**head**" not in report
+
+
+# ---- a run that diverges with a finite loss, or collapses, says so; dev-only data gets the majority check too ----------
+@pytest.mark.parametrize("losses", [
+    [0.7] * 4 + [70.0] * 4 + [0.7] * 12,  # a 100x spike that came back down
+    [0.69, 0.7, 0.68, 0.69, 9.0, 12.0, 8.0, 0.69, 0.7, 0.69, 0.7, 0.7],  # a >10x spike
+])
+def test_a_spike_that_came_back_down_is_still_divergence(losses):
+    warning = divergence(history(losses), 0.5)
+    assert warning.startswith("training diverged on the way") and "--lr 0.05" in warning
+
+
+def test_dev_accuracy_collapse_is_divergence_and_names_the_kept_step():
+    evals = [{"type": "eval", "step": s, "accuracy": a} for s, a in ((10, 0.6), (20, 0.85), (30, 0.5))]
+    health, warnings = run_health(history([0.7, 0.6, 0.5, 0.4]) + evals, 1e-2, None, None, None, "dev")
+    assert health == "diverged" and "collapsed from 0.850 (step 20) to 0.500 (step 30)" in warnings[0]
+    assert "weights of step 20 are kept" in warnings[0]
+    steady = [{"type": "eval", "step": s, "accuracy": a} for s, a in ((10, 0.8), (20, 0.85), (30, 0.8))]
+    assert run_health(history([0.7, 0.6, 0.5, 0.4]) + steady, 1e-2, None, None, None, "dev") == ("ok", [])
+
+
+def test_health_kinds():
+    labels = [0, 1] * 20
+    assert run_health(history([0.7] * 8), 1.0, {"predictions": [1] * 40}, labels, None, "dev")[0] == "learned nothing"
+    assert run_health(history([0.7] * 4 + [50.0] * 4), 1.0, {"predictions": labels}, labels, None, "dev")[0] == "diverged"
+    assert run_health(history([0.7, 0.5, 0.4, 0.3]), 1.0, {"predictions": labels}, labels, None, "dev") == ("ok", [])
+
+
+def test_a_run_without_a_test_split_checks_the_majority_on_dev(tmp_path, capsys, tiny_model):
+    data = sst2_slice(tmp_path / "devonly", {"train": 64, "dev": 40})
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--model", tiny_model, "--lr", "1e-7", "--head-lr", "1e-7",
+                 "--max-steps", "1", "--max-length", "32", "--out", str(out), "--quiet"])
+    run = json.loads((out / "run.json").read_text())
+    assert code == 0 and run["status"] == "done" and run["results"]["health"] == "learned nothing"
+    assert run["results"]["warnings"][0].startswith("dev accuracy") and "majority class" in run["results"]["warnings"][0]
+    assert "deltatune: warning: dev accuracy" in capsys.readouterr().err
+
+
+# ---- checkpoints of runs from before the fresh-head floor (or under the older 3e-3 floor) resume exactly ----------------
+def _old_style_run(settings, monkeypatch, era: str, stop_at: int | None):
+    """A run trained the way older deltatune did: the head at --lr ("no floor") or at max(--lr, 3e-3)."""
+    import deltatune.train.health as health_module
+    import deltatune.train.run as run_module
+    from deltatune.train.run import run_training
+
+    with monkeypatch.context() as patch:
+        if era == "no floor":
+            patch.setattr(run_module, "head_lr", lambda given, lr, fresh, baseline: given)
+        else:
+            patch.setattr(health_module, "FRESH_HEAD_LR", 3e-3)
+
+        def stop(trainer, row):
+            if row["step"] == stop_at:
+                trainer.request_stop()
+        return run_training(settings, on_step=stop if stop_at else None)
+
+
+@pytest.mark.parametrize("era", ["no floor", "3e-3 floor"])
+def test_old_checkpoints_resume_exactly_with_the_head_lr_they_were_started_with(tmp_path, monkeypatch, data_dir,
+                                                                               tiny_model, era):
+    import dataclasses
+
+    from deltatune.train.settings import RunSettings
+    from deltatune.train.trainer import Interrupted
+
+    base = RunSettings(data=str(data_dir), model=tiny_model, method="lora", lr=1e-3, max_steps=4, save_every=2,
+                       batch_size=16, max_length=32, quiet=True, out=str(tmp_path / "whole"))
+    whole = _old_style_run(base, monkeypatch, era, None)
+    cut = dataclasses.replace(base, out=str(tmp_path / "cut"))
+    with pytest.raises(Interrupted):
+        _old_style_run(cut, monkeypatch, era, 2)
+    assert main(["train", "--settings-file", _settings_file(tmp_path, cut)]) == 0  # today's code
+    resumed = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert resumed["head_lr"] == whole["head_lr"] == (1e-3 if era == "no floor" else 3e-3)
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())
+               if r["type"] == "train"] for n in ("whole", "cut")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert resumed["results"]["test"] == whole["results"]["test"]
+
+
+def _settings_file(tmp_path, settings) -> str:
+    """``settings`` with resume on, as the file ``train --settings-file`` reads (what ``compare`` runs)."""
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({**settings.to_dict(), "resume": True}))
+    return str(path)
+
+
+def test_a_checkpoint_whose_optimizer_groups_differ_is_refused_in_one_line(tmp_path, capsys, monkeypatch, data_dir,
+                                                                           tiny_model):
+    from deltatune.train.settings import RunSettings
+    from deltatune.train.trainer import Interrupted
+
+    cut = RunSettings(data=str(data_dir), model=tiny_model, method="lora", lr=1e-3, max_steps=4, save_every=2,
+                      batch_size=16, max_length=32, quiet=True, out=str(tmp_path / "cut"))
+    with pytest.raises(Interrupted):
+        _old_style_run(cut, monkeypatch, "no floor", 2)
+    record = json.loads((tmp_path / "cut" / "run.json").read_text())
+    record["head_lr"] = 5e-2  # a run.json that does not match its checkpoint (edited, or from another tool)
+    (tmp_path / "cut" / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["train", "--settings-file", _settings_file(tmp_path, cut)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "parameter groups" in err and "--overwrite" in err, err

@@ -181,8 +181,8 @@ def _with_head_lr(
         recorded = previous.get("head_lr", lr)  # no head_lr recorded: the head trained at --lr
         chosen = None if recorded == lr else float(recorded)
         if main and not settings.quiet and chosen != head_lr(None, lr, fresh_head, baseline):
-            print(f"head lr {recorded:g}: as this run was started (run.json); new runs use the floor {lr:g} -> "
-                  f"{head_lr(None, lr, fresh_head, baseline) or lr:g}", flush=True)
+            print(f"head lr {recorded:g}: kept from run.json, as this run was started (a new run would train the "
+                  f"head at {head_lr(None, lr, fresh_head, baseline) or lr:g})", flush=True)
     record["head_lr"] = chosen or lr
     if chosen == settings.head_lr:
         return settings

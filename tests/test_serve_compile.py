@@ -83,3 +83,21 @@ def test_max_rank_needs_compile_and_must_be_positive(tiny_model) -> None:
     for extra, message in ((["--max-rank", "8"], "goes with --compile"), (["--compile", "--max-rank", "0"], "positive")):
         with pytest.raises(dt.ConfigError, match=message):
             build(build_parser().parse_args(["serve", "--model", tiny_model, *extra]))
+
+
+def test_compiled_server_combines_adapters_and_swaps_the_result_in(adapters, tiny_model) -> None:
+    argv = ["serve", "--model", tiny_model, "--adapters", *(f"{n}={adapters / n}" for n in CONFIGS),
+            "--compile", "--max-rank", "8", "--max-loaded", "3"]
+    app, _ = build(build_parser().parse_args(argv))
+    engine = app.state.engine
+    options = {"combination_type": "svd", "svd_rank": 4, "modules_to_save_from": "a"}
+    engine.registry.combine("ab", ["a", "b"], [1.0, 0.5], **options)
+    (result,) = engine.run("classify", [engine.check("classify", "ab", TEXT)])
+    offline = dt.load(load_model(tiny_model, "classification")[0], adapters / "a", name="a")
+    dt.load(offline, adapters / "b", name="b")
+    offline.add_weighted_adapter(["a", "b"], [1.0, 0.5], "ab", **options)
+    offline.set_adapter("ab")
+    with torch.no_grad():
+        want = offline.eval()(**load_tokenizer(tiny_model)([TEXT], return_tensors="pt")).logits.softmax(-1)[0]
+    assert result["probs"] == pytest.approx(want.tolist(), abs=1e-5)
+    assert sorted(engine.registry.model.configs) == ["slot0", "slot1", "slot2"]  # the result went into a slot

@@ -20,6 +20,7 @@ from . import __version__
 from .chat import add_chat_parsers, add_eval_generation_options, run_chat
 from .combine_cli import add_combine_parser
 from .combine_cli import run as cmd_combine
+from .compare_cli import add_lm_compare_options, cmd_compare
 from .errors import ConfigError, DeltatuneError
 
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", default="full,head,last-layers,lora",
                          help="comma list, stacks allowed (full,head,last-layers,lora; e.g. lora,lora+prefix)")
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and the report (runs/compare)")
+    add_lm_compare_options(compare)
     add_data(compare)
     add_training(compare)
     add_method_options(compare)
@@ -271,23 +273,6 @@ def launch_torchrun(args: argparse.Namespace, settings: Any) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         os.unlink(path)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError("--methods is empty; e.g. --methods full,head,last-layers,lora")
-    peft = next((m for m in methods if m not in ("full", "head", "last-layers")), None)
-    if args.config:  # the --config file belongs to the entry it names (e.g. a stack), else to the first adapter method
-        from .train.options import method_from_file, read_config_file
-
-        named = method_from_file(read_config_file(args.config))
-        peft = named if named in methods else peft
-    settings = settings_from_args(args, peft or methods[0])
-    compare(settings, methods, Path(args.out), debug=args.debug)
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

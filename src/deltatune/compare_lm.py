@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DeltatuneError
 from .train.artifacts import atomic_write
 from .train.batching import encode_causal_lm
 from .train.data import DataError, Fields, load_splits, subset
@@ -173,10 +174,15 @@ def run_row(settings: RunSettings, options: LmOptions, row: dict[str, Any], run_
         print(f"== {row['method']}: exact match on {options.em_rows} held-out rows"
               + (f", loss on {options.forgetting_rows} rows of {options.forgetting_data}" if options.forgetting_data else ""),
               flush=True)
-        model, tokenizer = _load(settings, run_dir)
-        split, data = heldout(settings, tokenizer)
-        general = general_text(settings, options, tokenizer)
-        extra = measure(model, tokenizer, settings, options, split, data, general, with_loss=False)
+        try:
+            model, tokenizer = _load(settings, run_dir)
+            split, data = heldout(settings, tokenizer)
+            general = general_text(settings, options, tokenizer)
+            extra = measure(model, tokenizer, settings, options, split, data, general, with_loss=False)
+        except (DeltatuneError, RuntimeError, ValueError) as error:  # the run stays a row; the failure is said
+            print(f"== {row['method']}: generation / forgetting failed: {error}", file=sys.stderr, flush=True)
+            return {**row, "heldout_loss": (row.get("test") or row.get("dev") or {}).get("loss"),
+                    "warnings": [*(row.get("warnings") or []), f"generation / forgetting failed: {error}"]}
         del model
         gc.collect()
         _write_cached(run_dir / RUN_EVAL_FILE, key, extra)

@@ -59,8 +59,14 @@ def add_data(p: argparse.ArgumentParser, eval_only: bool = False) -> None:
     g.add_argument("--max-eval", type=int, help="evaluate on a seeded random subset of N rows per split")
     g.add_argument("--chat-template", action="store_true", help="causal LM: render prompt/completion and Alpaca rows "
                    "as a user turn + an assistant turn with the model's chat template ('messages' rows always are)")
+    g.add_argument("--label-words", type=_words, metavar="W0,W1,...", help="with --task causal-lm on labeled rows: "
+                   "train/evaluate the classes as generated words (one per label id / sorted label name)")
     for name, flag in FIELD_FLAGS.items():
         g.add_argument(flag, dest=f"field_{name}", metavar="NAME", help=f"column holding '{name}' (default {name})")
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",")]
 
 
 def add_training(p: argparse.ArgumentParser) -> None:
@@ -221,7 +227,8 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         raise ConfigError("--optimizer-args must be a JSON object such as '{\"betas\": [0.9, 0.99]}'")
     return RunSettings(
         data=args.data, model=args.model, method=method or "lora", method_options=options, config_values=file_values,
-        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, chat_template=args.chat_template, max_train=args.max_train,
+        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, chat_template=args.chat_template,
+        label_words=args.label_words, max_train=args.max_train,
         max_eval=args.max_eval, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,

@@ -122,7 +122,8 @@ def measure(model: Any, tokenizer: Any, settings: RunSettings, options: LmOption
         rows = data.rows[split][: options.em_rows]
         metrics, records = evaluate_generation(
             model, tokenizer, rows, Fields(**settings.fields), settings.chat_template, options.max_new_tokens,
-            min(settings.eval_batch_size, 16), options.answer_regex, split, quiet=settings.quiet)
+            min(settings.eval_batch_size, 16), options.answer_regex, split, quiet=settings.quiet,
+            choices=settings.label_words)
         out.update(exact_match=metrics["exact_match"], em_rows=len(rows),
                    generated_tokens_mean=metrics["generated_tokens_mean"],
                    samples=[{k: r[k] for k in ("prompt", "reference", "generated", "answer", "reference_answer", "correct")}

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from .data import Fields
+from .label_words import first_choice
 from .sft import generation_prompt
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -108,8 +109,10 @@ def greedy_generate(
 def evaluate_generation(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], fields: Fields, chat: bool, max_new_tokens: int,
     batch_size: int = 16, answer_regex: str | None = None, split: str = "test", quiet: bool = False,
+    choices: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, one prediction record per row: prompt, reference, generated, answers, correct)."""
+    """(metrics, one prediction record per row: prompt, reference, generated, answers, correct); with ``choices``
+    (label words) the answer is the first of them in the text (``deltatune.train.label_words.first_choice``)."""
     pattern = compile_answer_regex(answer_regex)
     prompts, references = [], []
     for number, row in enumerate(rows):
@@ -120,10 +123,12 @@ def evaluate_generation(
     records = []
     for number, (ids, reference, tokens) in enumerate(zip(prompts, references, generated)):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        wanted = extract_answer(reference, pattern)
-        if wanted is None:
-            wanted = normalize(reference)
-        got = extract_answer(text, pattern)
+        if choices:
+            wanted, got = first_choice(reference, choices), first_choice(text, choices)
+        else:
+            wanted = extract_answer(reference, pattern)
+            wanted = normalize(reference) if wanted is None else wanted
+            got = extract_answer(text, pattern)
         records.append({"split": split, "index": number, "prompt": tokenizer.decode(ids), "reference": reference,
                         "generated": text, "reference_answer": wanted, "answer": got, "correct": got == wanted,
                         "generated_tokens": len(tokens)})

@@ -110,7 +110,9 @@ def call_teeing_stderr(command: list[str]) -> tuple[int, str | None]:
             sys.stderr.write(text)
             sys.stderr.flush()
             tail = (tail + text)[-16384:]
-        found.extend([line for line in tail.replace("\r", "\n").split("\n") if " error: " in line][-1:])
+        lines = tail.replace("\r", "\n").split("\n")
+        said = [line for line in lines if " error: " in line] or [line for line in lines if "Error: " in line]
+        found.extend(said[-1:])  # the command's one-line error, else the exception line of a traceback
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

@@ -222,7 +222,7 @@ def explain_failure(code: int, reason: str | None) -> tuple[str, str]:
     """(status, one-line reason) of a run whose process failed: exit 2 is a method that cannot apply (a config
     error), anything else a run that broke."""
     status = "n/a" if code == 2 else "failed"
-    reason = (reason or f"exit {code}; its log is above").strip()
+    reason = (reason or f"exit {code}").strip()
     for prefix in ("deltatune train: error: ", "deltatune train: "):
         reason = reason[len(prefix):] if reason.startswith(prefix) else reason
     return status, reason

@@ -75,11 +75,29 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
 
 
+class _StepBar:
+    """A ``generate`` streamer that advances a progress bar by one for each decoding step (the first ``put`` is the
+    prompt)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.seen_prompt, self.steps = bar, False, 0
+
+    def put(self, value: Any) -> None:
+        if self.seen_prompt:
+            self.steps += 1
+            self.bar.update(1)
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        self.seen_prompt = False
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16, quiet: bool = False
 ) -> list[list[int]]:
-    """The greedily generated token ids of each prompt (EOS excluded), in the order of ``prompts``."""
+    """The greedily generated token ids of each prompt (EOS excluded), in the order of ``prompts``; the progress
+    bar counts decoding steps (at most ``max_new_tokens`` per batch; a batch that stops early skips the rest)."""
     from tqdm.auto import tqdm
 
     stops = eos_ids(model, tokenizer)
@@ -88,19 +106,21 @@ def greedy_generate(
     out: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     try:
-        with tqdm(total=len(prompts), desc="generate", unit="row", disable=quiet) as bar:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+        with tqdm(total=len(batches) * max_new_tokens, desc=f"generate {len(prompts)} rows", unit="step",
+                  disable=quiet, mininterval=1.0) as bar:
+            for number, rows in enumerate(batches):
                 width = max(len(prompts[i]) for i in rows)
                 ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows])
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows])
                 generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                           do_sample=False, pad_token_id=pad, eos_token_id=stops or None)
+                                           do_sample=False, pad_token_id=pad, eos_token_id=stops or None,
+                                           streamer=_StepBar(bar))
                 for row, tokens in zip(rows, generated[:, width:].tolist()):
                     cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
                     out[row] = tokens[:cut]
-                bar.update(len(rows))
+                bar.update((number + 1) * max_new_tokens - bar.n)
     finally:
         model.train(was_training)
     return out

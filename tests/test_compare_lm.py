@@ -124,3 +124,21 @@ def test_lm_table_formats_rows_that_did_not_run():
     text = format_table(rows, "loss")
     assert "0.100 (3/30)" in text and "+0.0000" in text and "\nprefix  n/a: prefix tuning needs ..." in text
     assert "| prefix | n/a: prefix tuning needs ... |" in markdown_table(rows, "loss")
+
+
+def test_causal_lm_evaluate_scores_the_real_tokens_under_prompt_tuning(llama):
+    """Prompt tuning prepends virtual tokens, so its logits are longer than the labels; evaluate scores only the real
+    positions, which gives the loss the model itself computes."""
+    import deltatune as dt
+    from deltatune.train.batching import Encoded, collate
+    from deltatune.train.tasks import evaluate
+
+    model = dt.wrap(llama, dt.PromptTuningConfig(num_virtual_tokens=5))
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    labels = [[-100, -100, 7, 8, 9, 10], [-100, 12, 13]]
+    data = Encoded([{"input_ids": r} for r in rows], labels)
+    result = evaluate(model, data, "causal-lm", pad_id=0, batch_size=2)
+    assert result["tokens"] == 6
+    with torch.no_grad():
+        own = [model(**collate(data, [i], 0, "causal-lm")).loss.item() for i in range(2)]
+    assert result["loss"] == pytest.approx((own[0] * 4 + own[1] * 2) / 6, rel=1e-5)

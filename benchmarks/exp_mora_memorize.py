@@ -19,11 +19,18 @@ Methods (same seed, data order, steps, batch, constant lr after a short warmup):
 - ``lora-r32``: LoRA r=32 (alpha=64: the same s = 2), half the full rank of the 64-wide layers;
 - ``full``: full fine-tuning of every weight.
 
+``--model smollm2``: the same task on the pretrained SmolLM2-135M-Instruct (the claim on a real LLM): each pair is
+``key:value<|im_end|>`` in its own BPE tokens (loss on the value tokens and the end token), the adapters on every
+linear layer of the 30 blocks, exact match / token accuracy teacher-forced over the whole vocabulary (exact match
+again equals greedy generation's, token for token). ``full`` is left out there (CPU budget).
+
 Results are cached per method in the JSON (a method whose settings are unchanged is not re-run; ``--force`` re-runs),
 so an interrupted run resumes with the next method.
 
     .venv/bin/python benchmarks/exp_mora_memorize.py            # writes benchmarks/results/mora_memorize.json
                                                                  # and docs/img/mora_memorize.png
+    .venv/bin/python benchmarks/exp_mora_memorize.py --model smollm2 --pairs 32 --steps 60 --batch 8 \
+        --eval-every 10 --lr 2e-3 --methods lora-r8,mora-r8      # -> mora_memorize_smollm2.json / .png
 """
 
 from __future__ import annotations
@@ -116,8 +123,47 @@ def evaluate(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
     return {"exact_match": hit.all(1).float().mean().item(), "char_accuracy": hit.float().mean().item()}
 
 
+class SmolTask:
+    """The UUID pairs in SmolLM2's own tokens: right-padded ids, labels on the value + end token (-100 elsewhere)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        from deltatune.train.models import load_tokenizer, quiet_transformers, resolve_model
+
+        quiet_transformers()
+        self.path = resolve_model("smollm2")
+        tok = load_tokenizer(self.path)
+        rows = []
+        for key, value in pairs:
+            head = tok(key + ":", add_special_tokens=False)["input_ids"]
+            tail = tok(value, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            rows.append((head + tail, [-100] * len(head) + tail))
+        width = max(len(r[0]) for r in rows)
+        self.ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in rows])
+        self.labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+
+    def build_model(self, args: argparse.Namespace) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
+        """Teacher-forced argmax over the vocabulary at every target token: exact match (every token of the value
+        and the end token right, i.e. greedy generation reproduces it) and token accuracy."""
+        model.eval()
+        logits = model(input_ids=ids).logits[:, :-1]
+        model.train()
+        targets = self.labels[:, 1:]
+        mask = targets != -100
+        hit = (logits.argmax(-1) == targets) | ~mask
+        return {"exact_match": hit.all(1).float().mean().item(),
+                "char_accuracy": ((hit & mask).sum() / mask.sum()).item()}  # token accuracy here
+
+
 def run_method(method: str, args: argparse.Namespace, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    model = apply_method(build_model(args), method)
+    task = getattr(args, "task", None)
+    build, evaluate_fn = (task.build_model, task.evaluate) if task is not None else (build_model, evaluate)
+    model = apply_method(build(args), method)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     lr = args.lr_full if method == "full" else args.lr
@@ -126,7 +172,7 @@ def run_method(method: str, args: argparse.Namespace, ids: torch.Tensor, labels:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     order = torch.Generator().manual_seed(args.seed)
     n = ids.shape[0]
-    curve: list[dict[str, float]] = [{"step": 0, "loss": math.nan, **evaluate(model, ids)}]
+    curve: list[dict[str, float]] = [{"step": 0, "loss": math.nan, **evaluate_fn(model, ids)}]
     perm, pos, losses = torch.randperm(n, generator=order), 0, []
     start = time.perf_counter()
     model.train()
@@ -136,7 +182,7 @@ def run_method(method: str, args: argparse.Namespace, ids: torch.Tensor, labels:
         rows = perm[pos: pos + args.batch]
         pos += args.batch
         logits = model(input_ids=ids[rows]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[rows, 1:].reshape(-1))
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[rows, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -144,7 +190,7 @@ def run_method(method: str, args: argparse.Namespace, ids: torch.Tensor, labels:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
-            point = {"step": step, "loss": sum(losses) / len(losses), **evaluate(model, ids)}
+            point = {"step": step, "loss": sum(losses) / len(losses), **evaluate_fn(model, ids)}
             losses = []
             curve.append(point)
             print(f"  {method:9s} step {step:5d} loss {point['loss']:.4f} exact {point['exact_match']:.3f} "
@@ -153,7 +199,8 @@ def run_method(method: str, args: argparse.Namespace, ids: torch.Tensor, labels:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("pairs", "steps", "batch", "eval_every", "hidden", "layers", "seed", "data_seed", "lr", "lr_full", "threads")
+    keys = ("model", "pairs", "steps", "batch", "eval_every", "hidden", "layers", "seed", "data_seed", "lr", "lr_full",
+            "threads")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -176,7 +223,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     s = data["settings"]
-    fig.suptitle(f"UUID memorisation: {s['pairs']} pairs, random-init Llama {s['layers']}x{s['hidden']}, seed {s['seed']}")
+    model = "SmolLM2-135M-Instruct" if s.get("model") == "smollm2" else f"random-init Llama {s['layers']}x{s['hidden']}"
+    fig.suptitle(f"UUID memorisation: {s['pairs']} pairs, {model}, seed {s['seed']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -185,6 +233,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="random-init small Llama (tiny) or "
+                   "the pretrained SmolLM2-135M-Instruct")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--pairs", type=int, default=128)
     p.add_argument("--steps", type=int, default=1000)
@@ -197,10 +247,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="adapters (LoRA, MoRA)")
     p.add_argument("--lr-full", type=float, default=1e-3, help="full fine-tuning")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/mora_memorize.json"))
-    p.add_argument("--plot", default=str(ROOT / "docs/img/mora_memorize.png"))
+    p.add_argument("--out", help="default: benchmarks/results/mora_memorize[_smollm2].json")
+    p.add_argument("--plot", help="default: docs/img/mora_memorize[_smollm2].png")
     p.add_argument("--force", action="store_true", help="re-run methods already in the JSON")
     args = p.parse_args()
+    suffix = "_smollm2" if args.model == "smollm2" else ""
+    args.out = args.out or str(ROOT / f"benchmarks/results/mora_memorize{suffix}.json")
+    args.plot = args.plot or str(ROOT / f"docs/img/mora_memorize{suffix}.png")
     torch.set_num_threads(args.threads)
     from transformers.utils import logging
 
@@ -212,7 +265,11 @@ def main() -> None:
         old = json.loads(out.read_text(encoding="utf-8"))
         if old.get("settings") == current:
             data = old
-    ids, labels = encode(make_pairs(args.pairs, args.data_seed))
+    if args.model == "smollm2":
+        args.task = SmolTask(make_pairs(args.pairs, args.data_seed))
+        ids, labels = args.task.ids, args.task.labels
+    else:
+        ids, labels = encode(make_pairs(args.pairs, args.data_seed))
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if method in data["methods"] and not args.force:
             print(f"{method}: cached in {out}")

@@ -263,7 +263,7 @@ def test_compare_gives_a_stack_config_file_to_the_stack_entry(data_dir, tiny_mod
     config = tmp_path / "stack.json"
     config.write_text(json.dumps({"lora": {"r": 2}, "prefix": {"num_virtual_tokens": 3}}))
     seen = {}
-    monkeypatch.setattr(compare_module, "compare", lambda settings, methods, out, debug, adapters=None: seen.update(s=settings, m=methods))
+    monkeypatch.setattr(compare_module, "compare", lambda settings, methods, out, debug, **kw: seen.update(s=settings, m=methods))
     assert main(["compare", "--data", str(data_dir), "--model", tiny_model, "--methods", "lora,lora+prefix",
                  "--config", str(config), "--out", str(tmp_path / "c")]) == 0
     plans = compare_module.method_settings(seen["s"], seen["m"], tmp_path / "c")

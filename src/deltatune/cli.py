@@ -20,6 +20,7 @@ from .chat import add_chat_parsers, add_eval_generation_options, run_chat
 from .combine_cli import add_combine_parser
 from .combine_cli import run as cmd_combine
 from .compare_adapters import add_adapter_rows_option
+from .compare_cli import add_lm_compare_options, cmd_compare
 from .errors import ConfigError, DeltatuneError
 
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
@@ -58,8 +59,14 @@ def add_data(p: argparse.ArgumentParser, eval_only: bool = False) -> None:
     g.add_argument("--max-eval", type=int, help="evaluate on a seeded random subset of N rows per split")
     g.add_argument("--chat-template", action="store_true", help="causal LM: render prompt/completion and Alpaca rows "
                    "as a user turn + an assistant turn with the model's chat template ('messages' rows always are)")
+    g.add_argument("--label-words", type=_words, metavar="W0,W1,...", help="with --task causal-lm on labeled rows: "
+                   "train/evaluate the classes as generated words (one per label id / sorted label name)")
     for name, flag in FIELD_FLAGS.items():
         g.add_argument(flag, dest=f"field_{name}", metavar="NAME", help=f"column holding '{name}' (default {name})")
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",")]
 
 
 def add_training(p: argparse.ArgumentParser) -> None:
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", help="comma list, stacks allowed (full,head,last-layers,lora; e.g. lora,lora+prefix)")
     add_adapter_rows_option(compare)
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and the report (runs/compare)")
+    add_lm_compare_options(compare)
     add_data(compare)
     add_training(compare)
     add_method_options(compare)
@@ -219,7 +227,8 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         raise ConfigError("--optimizer-args must be a JSON object such as '{\"betas\": [0.9, 0.99]}'")
     return RunSettings(
         data=args.data, model=args.model, method=method or "lora", method_options=options, config_values=file_values,
-        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, chat_template=args.chat_template, max_train=args.max_train,
+        k=args.k, task=args.task or "auto", fields=_fields(args), max_length=args.max_length, chat_template=args.chat_template,
+        label_words=args.label_words, max_train=args.max_train,
         max_eval=args.max_eval, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
@@ -271,22 +280,6 @@ def launch_torchrun(args: argparse.Namespace, settings: Any) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         os.unlink(path)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
-    from .compare_adapters import methods_and_rows
-
-    methods, rows = methods_and_rows(args.methods, args.adapters)
-    peft = next((m for m in methods if m not in ("full", "head", "last-layers")), None)
-    if args.config:  # the --config file belongs to the entry it names (e.g. a stack), else to the first adapter method
-        from .train.options import method_from_file, read_config_file
-
-        named = method_from_file(read_config_file(args.config))
-        peft = named if named in methods else peft
-    settings = settings_from_args(args, peft or (methods[0] if methods else "lora"))
-    compare(settings, methods, Path(args.out), debug=args.debug, adapters=rows)
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

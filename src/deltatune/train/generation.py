@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from .data import Fields
+from .label_words import first_choice
 from .sft import generation_prompt
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -74,11 +75,29 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
 
 
+class _StepBar:
+    """A ``generate`` streamer that advances a progress bar by one for each decoding step (the first ``put`` is the
+    prompt)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.seen_prompt, self.steps = bar, False, 0
+
+    def put(self, value: Any) -> None:
+        if self.seen_prompt:
+            self.steps += 1
+            self.bar.update(1)
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        self.seen_prompt = False
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16, quiet: bool = False
 ) -> list[list[int]]:
-    """The greedily generated token ids of each prompt (EOS excluded), in the order of ``prompts``."""
+    """The greedily generated token ids of each prompt (EOS excluded), in the order of ``prompts``; the progress
+    bar counts decoding steps (at most ``max_new_tokens`` per batch; a batch that stops early skips the rest)."""
     from tqdm.auto import tqdm
 
     stops = eos_ids(model, tokenizer)
@@ -87,19 +106,21 @@ def greedy_generate(
     out: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     try:
-        with tqdm(total=len(prompts), desc="generate", unit="row", disable=quiet) as bar:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+        with tqdm(total=len(batches) * max_new_tokens, desc=f"generate {len(prompts)} rows", unit="step",
+                  disable=quiet, mininterval=1.0) as bar:
+            for number, rows in enumerate(batches):
                 width = max(len(prompts[i]) for i in rows)
                 ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows])
                 mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows])
                 generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                           do_sample=False, pad_token_id=pad, eos_token_id=stops or None)
+                                           do_sample=False, pad_token_id=pad, eos_token_id=stops or None,
+                                           streamer=_StepBar(bar))
                 for row, tokens in zip(rows, generated[:, width:].tolist()):
                     cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
                     out[row] = tokens[:cut]
-                bar.update(len(rows))
+                bar.update((number + 1) * max_new_tokens - bar.n)
     finally:
         model.train(was_training)
     return out
@@ -108,8 +129,10 @@ def greedy_generate(
 def evaluate_generation(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], fields: Fields, chat: bool, max_new_tokens: int,
     batch_size: int = 16, answer_regex: str | None = None, split: str = "test", quiet: bool = False,
+    choices: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, one prediction record per row: prompt, reference, generated, answers, correct)."""
+    """(metrics, one prediction record per row: prompt, reference, generated, answers, correct); with ``choices``
+    (label words) the answer is the first of them in the text (``deltatune.train.label_words.first_choice``)."""
     pattern = compile_answer_regex(answer_regex)
     prompts, references = [], []
     for number, row in enumerate(rows):
@@ -120,10 +143,12 @@ def evaluate_generation(
     records = []
     for number, (ids, reference, tokens) in enumerate(zip(prompts, references, generated)):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        wanted = extract_answer(reference, pattern)
-        if wanted is None:
-            wanted = normalize(reference)
-        got = extract_answer(text, pattern)
+        if choices:
+            wanted, got = first_choice(reference, choices), first_choice(text, choices)
+        else:
+            wanted = extract_answer(reference, pattern)
+            wanted = normalize(reference) if wanted is None else wanted
+            got = extract_answer(text, pattern)
         records.append({"split": split, "index": number, "prompt": tokenizer.decode(ids), "reference": reference,
                         "generated": text, "reference_answer": wanted, "answer": got, "correct": got == wanted,
                         "generated_tokens": len(tokens)})

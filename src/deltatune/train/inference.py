@@ -60,7 +60,7 @@ def artifact_info(directory: Path | None) -> dict[str, Any]:
         settings = run.get("settings", {})
         info.update(task=run.get("task"), labels=run.get("labels"), model=settings.get("model"),
                     fields=settings.get("fields", {}), max_length=settings.get("max_length"),
-                    chat_template=settings.get("chat_template"),
+                    chat_template=settings.get("chat_template"), label_words=settings.get("label_words"),
                     quantize=settings.get("quantize"), method=settings.get("method"))
     elif kind == "baseline":
         data = json.loads((directory / BASELINE_CONFIG).read_text(encoding="utf-8"))
@@ -128,6 +128,7 @@ def run_eval(args: Any) -> dict[str, Any]:
         data=args.data, model=args.model or info.get("model", "minilm"), task=args.task or info.get("task", "auto"),
         fields={**info.get("fields", {}), **args.fields}, max_length=args.max_length or info.get("max_length", 128),
         chat_template=bool(getattr(args, "chat_template", False) or info.get("chat_template")),
+        label_words=getattr(args, "label_words", None) or info.get("label_words"),
         max_eval=args.max_eval, seed=args.seed, eval_batch_size=args.batch_size, quiet=True,
     )
     wanted = args.split.split(",") if args.split else None
@@ -161,7 +162,8 @@ def run_eval(args: Any) -> dict[str, Any]:
         if generate:
             metrics, records = evaluate_generation(
                 model, tokenizer, data.rows[split], Fields(**settings.fields), settings.chat_template,
-                args.max_new_tokens, args.batch_size, args.answer_regex, split, quiet=getattr(args, "quiet", False))
+                args.max_new_tokens, args.batch_size, args.answer_regex, split, quiet=getattr(args, "quiet", False),
+                choices=settings.label_words)
             results[split].update(metrics)
             rows += records
     if args.predictions:

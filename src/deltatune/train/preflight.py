@@ -17,7 +17,7 @@ FLOAT_SETTINGS = ("epochs", "lr", "head_lr", "warmup", "weight_decay", "max_grad
 METRICS = {"classification": ("accuracy", "f1", "mcc", "loss"), "causal-lm": ("loss", "perplexity")}
 # files a run folder may hold before its run.json exists: compare's per-run settings, temp files of atomic writes
 OWN_BEFORE_RUN = {"settings.json"}
-COMPARE_FILES = {"results.json", "report.md", "metric_vs_params.png", "loss_curves.png"}
+COMPARE_FILES = {"results.json", "report.md", "metric_vs_params.png", "loss_curves.png", "base.json"}
 MAX_THREADS = 4096
 
 

@@ -23,6 +23,7 @@ from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_trainabl
 from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
 from .health import head_lr, run_health
+from .label_words import check_words, verbalize
 from .models import (
     head_modules,
     load_model,
@@ -76,8 +77,12 @@ def prepare_data(
     reference = splits.get("train") or next(iter(splits.values()))
     task = detect_task(reference, fields) if settings.task == "auto" else settings.task
     info: dict[str, Any] = {"source": settings.data, "files": origins, "rows": {s: len(r) for s, r in splits.items()}}
-    if task == "classification":
-        labels = labels if labels is not None else label_space(reference, fields.label)
+    words = None
+    if task == "causal-lm" and settings.label_words is not None:  # classification rows judged by generated words
+        space = label_space(reference, fields.label)
+        words = check_words(settings.label_words, space)
+    if task == "classification" or words:
+        labels = labels if labels is not None or words else label_space(reference, fields.label)
         for split in [s for s in ("dev", "test") if s in splits]:
             if not is_labeled(splits[split], fields.label):
                 info.setdefault("skipped", []).append(f"{split} (no labels)")
@@ -91,6 +96,8 @@ def prepare_data(
         limit = settings.max_train if split == "train" else settings.max_eval
         rows, indices = subset(rows, limit, settings.seed)
         info["subset"][split] = {"seed": settings.seed, "size": len(rows), "indices": indices}
+        if words:
+            rows = verbalize(rows, fields, space, words, split)
         raw[split] = rows
         if task == "classification":
             encoded[split] = encode_classification(tokenizer, rows, fields, labels, settings.max_length, split)

@@ -26,6 +26,7 @@ class RunSettings:
     fields: dict[str, str] = field(default_factory=dict)
     max_length: int = 128
     chat_template: bool = False  # prompt/completion and Alpaca rows as chat turns rendered by the chat template
+    label_words: list[str] | None = None  # causal LM on labeled rows: the word of each class (train.label_words)
     max_train: int | None = None
     max_eval: int | None = None
     epochs: float = 1.0

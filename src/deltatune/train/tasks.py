@@ -94,6 +94,7 @@ def evaluate(
                     if keep_logits:
                         logits_out[index] = logits[row].tolist()
             else:
+                logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens: score the real ones
                 shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
                 targets = labels[:, 1:].reshape(-1)
                 total_loss += F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum").item()

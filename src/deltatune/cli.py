@@ -352,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
+COMMANDS = {"train": cmd_train, "compare": lambda args: cmd_compare(args, settings_from_args), "eval": cmd_eval, "merge": cmd_merge, "inspect": cmd_inspect,
             "serve": cmd_serve, "combine": cmd_combine, "generate": run_chat, "chat": run_chat}
 
 

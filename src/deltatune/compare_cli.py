@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def add_lm_compare_options(p: argparse.ArgumentParser) -> None:
@@ -20,7 +22,9 @@ def add_lm_compare_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=3, metavar="N", help="sample generations per method in report.md (3)")
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace, settings_from_args: Callable[[argparse.Namespace, str], Any]) -> int:
+    """``deltatune compare``; ``settings_from_args`` is the CLI's options-to-RunSettings rule (passed in, so this
+    module does not import ``cli``)."""
     from .compare import compare
     from .compare_adapters import methods_and_rows
 
@@ -31,7 +35,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         named = method_from_file(read_config_file(args.config))
         peft = named if named in methods else peft
-    from .cli import settings_from_args
     from .compare_lm import LmOptions
 
     settings = settings_from_args(args, peft or (methods[0] if methods else "lora"))

@@ -66,7 +66,7 @@ def forward_benchmark(args: argparse.Namespace) -> dict:
     import peft
 
     import deltatune as dt
-    from deltatune.serve import mixed
+    from deltatune.batching import mixed
 
     folder = Path(tempfile.mkdtemp(prefix="bench_mixed_"))
     model = dt.wrap(llama(args.hidden, args.layers), dt.LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"), "a0")
@@ -151,7 +151,7 @@ def decode_benchmark(args: argparse.Namespace, hidden: int, layers: int) -> dict
     from transformers import DynamicCache
 
     import deltatune as dt
-    from deltatune.serve import mixed
+    from deltatune.batching import mixed
 
     folder = Path(tempfile.mkdtemp(prefix="bench_decode_"))
     model = dt.wrap(llama(hidden, layers), dt.LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"), "a0")
@@ -226,7 +226,7 @@ def decode_benchmark(args: argparse.Namespace, hidden: int, layers: int) -> dict
 def op_benchmark(args: argparse.Namespace) -> dict:
     """One layer's LoRA delta alone (no base model around it), so each call is short and many samples fit:
     a single adapter (two matmuls), the batched mixed path (gather + two bmm), the per-adapter loop."""
-    from deltatune.serve.mixed import run_each  # noqa: F401  (the loop the batched path replaced)
+    from deltatune.batching.mixed import run_each  # noqa: F401  (the loop the batched path replaced)
 
     d, r, batch, seq = args.hidden, 8, args.batch, args.seq
     generator = torch.Generator().manual_seed(0)

@@ -298,7 +298,7 @@ def test_kind_aliases_and_registry():
     with pytest.raises(dt.ConfigError, match="use AdapterConfig"):
         dt.PfeifferConfig(kind="houlsby")
     with pytest.raises(dt.ConfigError, match="peft_type 'NOPE'"):
-        from deltatune.config import config_from_peft_dict
+        from deltatune.methods import config_from_peft_dict
 
         config_from_peft_dict({"peft_type": "NOPE"})
 

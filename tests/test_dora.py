@@ -213,7 +213,7 @@ def test_config_round_trip_and_dispatch():
     config = dt.DoraConfig(r=4, alpha=8, targets=["query"])
     data = config.to_peft_dict()
     assert data["peft_type"] == "LORA" and data["use_dora"] is True
-    from deltatune.config import config_from_peft_dict
+    from deltatune.methods import config_from_peft_dict
 
     assert isinstance(config_from_peft_dict(data), dt.DoraConfig)
     assert type(config_from_peft_dict({**data, "use_dora": False})) is dt.LoraConfig

@@ -7,8 +7,8 @@ import torch
 
 import deltatune as dt
 from conftest import assert_rows_match_single_runs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from deltatune.batching import mixed
 from deltatune.layers import DeltaLayer
-from deltatune.serve import mixed
 
 BASE = "__base__"
 
@@ -185,7 +185,7 @@ def test_active_dropout_falls_back_and_bad_row_counts_are_refused():
         model(input_ids=ids((2, 4)), adapter_names=["a", BASE, "a"])
 
 
-# ---- prompt / prefix adapters (per-row virtual tokens, serve/virtual.py) -----------------------------------------
+# ---- prompt / prefix adapters (per-row virtual tokens, batching/virtual.py) -----------------------------------------
 def virtual_family(factory, lora_targets):
     """Prefix tuning (P=3), P-tuning v2 (P=5), prompt tuning (V=4), P-tuning (V=2) and a LoRA on one model."""
     model = dt.wrap(factory(), dt.PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16), name="prefix")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import deltatune as dt
+from deltatune import protocol
+from deltatune.kernels import lora_fused
 from deltatune.ops import (
     dora_linear,
     dora_linear_reference,
@@ -235,14 +239,16 @@ def test_keep_stream_is_the_same_in_any_chunking_and_decides_ties_on_32_bits() -
     assert abs(int((~tied).sum()) - tied.size / 2) < 5 * (tied.size / 4) ** 0.5 and tied.size > 7000
 
 
-def _unfused(model: dt.DeltaModel):
-    """Force the unfused path everywhere (the per-delta ``forward`` after the base layer)."""
-    from deltatune.layers import DeltaLayer
-
-    for module in model.modules():
-        if isinstance(module, DeltaLayer):
-            for delta in module.adapters.values():
-                delta.fused_forward = lambda x, layer: None
+@contextlib.contextmanager
+def _unfused():
+    """Without the "fused" kernels: the base layer, then the delta's "add" kernel or forward (LoRA's "add" kernel
+    draws the same dropout stream as its fused one)."""
+    saved = {t: kinds.pop("fused") for t, kinds in protocol._KERNELS.items() if "fused" in kinds}
+    try:
+        yield
+    finally:
+        for delta_type, fused in saved.items():
+            protocol._KERNELS[delta_type]["fused"] = fused
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -250,17 +256,17 @@ def test_wrapped_llama_training_step_fused_equals_unfused(dropout: float) -> Non
     from conftest import tiny_llama
 
     models = []
-    for fuse in (True, False):
+    for _ in range(2):
+        torch.manual_seed(0)
         model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, alpha=8, dropout=dropout, init="random", targets="all-linear"))
-        if not fuse:
-            _unfused(model)
         models.append(model.train())
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
     results = []
-    for model in models:
+    for model, context in zip(models, (contextlib.nullcontext(), _unfused())):
         torch.manual_seed(11)  # both draw the same dropout masks in the same order
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with context:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     torch.testing.assert_close(results[0][0], results[1][0], **TOL)
     assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) == 2 * 7 * 2
@@ -274,12 +280,56 @@ def test_fused_path_skips_hooked_and_trainable_bases(mlp) -> None:
     layer = layer or next(m for m in model.modules() if type(m).__name__ == "DeltaLayer")
     delta = next(iter(layer.adapters.values()))
     x = torch.randn(3, 16)
-    assert delta.fused_forward(x, layer) is not None
+    assert lora_fused(delta, x, layer) is not None
     handle = layer.base_layer.register_forward_hook(lambda m, i, o: o)
-    assert delta.fused_forward(x, layer) is None
+    assert lora_fused(delta, x, layer) is None
     handle.remove()
     layer.base_layer.weight.requires_grad_(True)
-    assert delta.fused_forward(x, layer) is None
+    assert lora_fused(delta, x, layer) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_kernels_off_runs_the_plain_formula_with_equal_results(method: str) -> None:
+    """``dt.kernels.disabled()``: every delta runs its plain ``forward``; values and gradients equal the kernels'."""
+    from conftest import tiny_llama
+
+    config = (dt.LoraConfig if method == "lora" else dt.DoraConfig)(r=4, alpha=8, init="random", targets="all-linear")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    results = []
+    for off in (False, True):
+        torch.manual_seed(0)
+        model = dt.wrap(tiny_llama(), config)
+        calls = {"n": 0}
+
+        def count(*args, _original=protocol.kernel, _calls=calls):
+            found = _original(*args)
+            _calls["n"] += found is not None
+            return found
+
+        with dt.kernels.disabled() if off else contextlib.nullcontext(), _patched(protocol, "kernel", count):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        assert dt.kernels.enabled()
+        assert (calls["n"] == 0) == off  # kernels ran exactly when on
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+    for fast, plain in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    """``owner.name = value`` inside the block; the host module looked the name up at import, so patch it there too."""
+    from deltatune import layers
+
+    saved = getattr(owner, name), getattr(layers, name)
+    setattr(owner, name, value)
+    setattr(layers, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved[0])
+        setattr(layers, name, saved[1])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -303,18 +353,18 @@ def test_wrapped_dora_training_step_fused_equals_unfused(arch: str) -> None:
     import conftest
 
     models = []
-    for fuse in (True, False):
+    for _ in range(2):
+        torch.manual_seed(0)
         base = conftest.tiny_llama() if arch == "llama" else conftest.tiny_gpt2()
         model = dt.wrap(base, dt.DoraConfig(r=4, alpha=8, init="random", targets="all-linear"))
-        if not fuse:
-            _unfused(model)
         models.append(model.train())
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
     results = []
-    for model in models:
+    for model, context in zip(models, (contextlib.nullcontext(), _unfused())):
         torch.manual_seed(11)  # GPT-2's own dropouts
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with context:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     torch.testing.assert_close(results[0][0], results[1][0], **TOL)
     assert any("lora_magnitude_vector" in n for n in results[0][1])

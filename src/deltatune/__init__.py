@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import quiet
+from . import batching, combine, hotswap, kernels, quiet  # noqa: F401  (each installs its strategies or kernels)
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
 from .io import load, save

@@ -31,8 +31,10 @@ import torch
 
 from .errors import ConfigError, MergeError
 from .layers import DeltaLayer, TrainableCopies, layer_kind
-from .methods.lora import LoraConfig, pattern_value
+from .methods.base import pattern_value
+from .methods.lora import LoraConfig
 from .methods.lora_init import PRINCIPAL_INITS
+from .protocol import register_strategy
 from .task_vectors import check_combination, combine_dense, truncated_svd
 
 if TYPE_CHECKING:
@@ -112,9 +114,9 @@ def check_request(
 
 
 def _rank_at(model: DeltaModel, name: str, path: str, delta: torch.nn.Module) -> int:
-    factors = getattr(delta, "low_rank_factors", None)
-    if callable(factors):
-        return int(factors()[1].shape[0])
+    factors = delta.low_rank_factors()
+    if factors is not None:
+        return int(factors[1].shape[0])
     config = model.configs[name]
     if not isinstance(getattr(config, "r", None), int):
         raise ConfigError(f"adapter '{name}' has no rank to default to; pass svd_rank")
@@ -128,13 +130,13 @@ def _cat_factors(
     bs, as_ = [], []
     for name, weight in members:
         delta = host.adapters[name]
-        factors = getattr(delta, "low_rank_factors", None)
-        if not callable(factors):
+        factors = delta.low_rank_factors()
+        if factors is None:
             raise ConfigError(
                 f"'cat' needs low-rank factors, but adapter '{name}' ({type(delta).__name__}) has a dense delta; "
                 f"use combination_type='svd' (or 'linear') instead"
             )
-        b, a = factors()
+        b, a = factors
         bs.append(b.detach().to(dtype))
         as_.append(a.detach().to(dtype) * (weight * delta.scaling))
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
@@ -253,3 +255,6 @@ def _fill(
         live_a.copy_(a / config.scaling(path))
     for path, owner in owners.items():
         hosts[path].copies[name].load_state_dict(hosts[path].copies[owner].state_dict())
+
+
+register_strategy("add_weighted_adapter", add_weighted_adapter)

@@ -32,6 +32,8 @@ class DeltaConfig:
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    per_layer: ClassVar[bool] = False  # adds a delta to each targeted layer (then ``targets`` are layers)
+    mergeable: ClassVar[bool] = False
     # our field name -> PEFT key name (subclasses extend)
     peft_keys: ClassVar[dict[str, str]] = {
         "targets": "target_modules",
@@ -133,22 +135,6 @@ class DeltaConfig:
 
     def replace(self, **changes: Any) -> DeltaConfig:
         return dataclasses.replace(self, **changes)
-
-
-def config_from_peft_dict(data: Any) -> DeltaConfig:
-    """Pick the registered config class for a PEFT ``adapter_config.json`` dictionary and build it."""
-    from .methods import METHODS
-
-    if not isinstance(data, dict):
-        raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
-    peft_type = data.get("peft_type")
-    if not isinstance(peft_type, str):
-        raise ConfigError("adapter config has no 'peft_type'; is this an adapter_config.json written by PEFT or deltatune?")
-    for cls in METHODS.values():
-        if cls.peft_type == peft_type and cls.accepts(data):
-            return cls.from_peft_dict(data)
-    known = sorted({cls.peft_type for cls in METHODS.values()})
-    raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
 
 
 def _is_str_list(value: Any) -> bool:

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import DeltaConfig, config_from_peft_dict
+from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError
 from .layers import DeltaLayer, TrainableCopies
+from .methods import config_from_peft_dict
+from .protocol import register_strategy
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -39,7 +41,7 @@ def _lora_deltas(model: DeltaModel, name: str) -> dict[str, nn.Module]:
     if name in model.merged_adapters:
         raise ConfigError(f"adapter '{name}' is merged into the weights; call model.unmerge() first")
     deltas = {p: h.adapters[name] for p, h in model.hosts() if isinstance(h, DeltaLayer) and name in h.adapters}
-    odd = [f"{p} ({type(d).__name__})" for p, d in deltas.items() if not callable(getattr(d, "low_rank_factors", None))]
+    odd = [f"{p} ({type(d).__name__})" for p, d in deltas.items() if d.low_rank_factors() is None]
     if odd:
         raise ConfigError(f"hot-swap works on LoRA-style adapters (dW = s B A); adapter '{name}' has {odd[:2]}")
     return deltas
@@ -74,7 +76,7 @@ def prepare_for_hotswap(model: DeltaModel, max_rank: int, names: list[str] | Non
     if names is None:  # every adapter whose deltas are all s B A (LoRA, rsLoRA, AsyLoRA; not DoRA, MoRA, prompts)
         deltas = [(n, d) for _, h in model.hosts() if isinstance(h, DeltaLayer) for n, d in h.adapters.items()]
         names = [n for n in model.configs if any(a == n for a, _ in deltas) and hasattr(model.configs[n], "rank_pattern")
-                 and all(callable(getattr(d, "low_rank_factors", None)) for a, d in deltas if a == n)]
+                 and all(d.low_rank_factors() is not None for a, d in deltas if a == n)]
     plans = {name: _lora_deltas(model, name) for name in names}
     for name, deltas in plans.items():
         too_big = {p: int(d.low_rank_factors()[1].shape[0]) for p, d in deltas.items()}
@@ -162,3 +164,21 @@ def hotswap(model: DeltaModel, name: str, config: DeltaConfig, tensors: dict[str
     """Copy the LoRA adapter (``config``, PEFT-layout ``tensors``) into adapter ``name`` in place (see above)."""
     for live, value in _plan(model, name, config, tensors):
         live.copy_(value.to(live.device))
+
+
+def hotswap_adapter(
+    model: DeltaModel, source: str | os.PathLike | dict[str, torch.Tensor], name: str, config: DeltaConfig | None = None
+) -> None:
+    """``DeltaModel.hotswap_adapter``: ``source`` is an adapter folder, or a PEFT-layout state dict with its config."""
+    tensors: Any
+    if isinstance(source, dict):
+        if config is None:
+            raise ConfigError("hotswap_adapter(state_dict, ...) needs config= (its alpha and r give the scaling)")
+        tensors = source
+    else:
+        config, tensors = read_adapter(source)
+    hotswap(model, name, config, tensors)
+
+
+register_strategy("prepare_for_hotswap", prepare_for_hotswap)
+register_strategy("hotswap_adapter", hotswap_adapter)

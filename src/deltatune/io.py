@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DeltaConfig, config_from_peft_dict
+from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError
 from .layers import DeltaLayer, TrainableCopies, layer_kind
+from .methods import config_from_peft_dict
 from .methods.lora_init import PRINCIPAL_INITS, principal_file_as_plain_lora
 from .model import DeltaModel, bias_parameter_paths
+from .protocol import register_strategy
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -392,3 +394,7 @@ def _adapter_tensor_ids(model: DeltaModel) -> set[int]:
         holders = host.copies if isinstance(host, TrainableCopies) else host.adapters
         ids |= {id(t) for t in holders.state_dict(keep_vars=True).values()}
     return ids
+
+
+register_strategy("save", save)
+register_strategy("load", load)

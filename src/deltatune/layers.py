@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError
+from .protocol import kernel, strategy
 
 BASE = "__base__"
 
@@ -80,12 +81,11 @@ class AdapterHost(nn.Module):
 
 
 class DeltaLayer(AdapterHost):
-    """``y = base(x) + sum_{a active, not merged} delta_a(x)``; each ``delta_a`` lives in ``self.adapters[a]``.
+    """``y = base(t(x)) + sum_{a active, not merged} delta_a(x)``; each ``delta_a`` lives in ``self.adapters[a]``.
 
-    A delta is an ``nn.Module`` with ``forward(x, out, layer) -> out`` (the updated output) and, when mergeable,
-    ``merge_into(layer)`` / ``unmerge_from(layer)``. Deltas with ``transforms_output = True`` (bottleneck adapters:
-    a function of ``out``) run after all other deltas, so they see the full (possibly merged) layer output
-    whatever the order of the active adapters.
+    The order of the steps, and everything a delta provides, is the delta protocol (``deltatune.protocol``): input
+    transforms first, then the base, then additive deltas, then output transforms (bottleneck adapters, which see the
+    full, possibly merged, layer output whatever the order of the active adapters).
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -106,30 +106,46 @@ class DeltaLayer(AdapterHost):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         deltas = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
         if len(deltas) == 1 and not self.disabled and self.row_adapters is None and not args and not kwargs:
-            fused = getattr(deltas[0], "fused_forward", None)  # base + delta in one op (see ``deltatune.ops``)
-            y = fused(x, self) if fused is not None else None
+            fused = kernel(deltas[0], "fused")  # base + delta in one op (``deltatune.kernels``); None declines
+            y = fused(deltas[0], x, self) if fused is not None else None
             if y is not None:
                 return y
-        out = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return out
+        if self.disabled or not deltas and self.row_adapters is None:
+            return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return self._forward_mixed(x, out)
-        for delta in sorted(deltas, key=lambda d: bool(getattr(d, "transforms_output", False))):
-            out = delta(x, out, self)
+            return strategy("mixed_forward")(self, x, self.base_layer(x, *args, **kwargs))
+        inner = x
+        for delta in deltas:
+            if delta.transforms_input:
+                inner = delta.transform_input(inner, self)
+        out = self.base_layer(inner, *args, **kwargs)
+        for delta in sorted(deltas, key=lambda d: d.transforms_output):
+            out = self.apply_delta(delta, x, out)
         return out
 
-    def _forward_mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """One adapter per batch row, batched over rows (see ``deltatune.serve.mixed``)."""
-        from .serve.mixed import forward_mixed
+    def apply_delta(self, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """One delta's ``forward`` (or its registered "add" kernel)."""
+        add = kernel(delta, "add")
+        return add(delta, x, out, self) if add is not None else delta(x, out, self)
 
-        return forward_mixed(self, x, out)
+    def only_delta(self, delta: nn.Module) -> bool:
+        """Whether ``out`` reaching ``delta`` is the bare base output: no other unmerged delta ran before it (in a
+        mixed batch each row has one adapter, so always)."""
+        if self.row_adapters is not None:
+            return True
+        for name in self.active:
+            other = self.adapters[name] if name in self.adapters else None
+            if other is delta:
+                return True
+            if other is not None and name not in self.merged:
+                return False
+        return True
 
     def merge(self, name: str, safe: bool = True) -> None:
         if name in self.merged or name not in self.adapters:
             return
         delta = self.adapters[name]
-        if not hasattr(delta, "merge_into"):
+        if not delta.mergeable:
             raise MergeError(f"adapter '{name}' ({type(delta).__name__}) cannot be merged into the weights")
         self._edit_weight(lambda: delta.merge_into(self, safe=safe))
         self.merged.append(name)
@@ -147,12 +163,10 @@ class DeltaLayer(AdapterHost):
         if not is_quantized(self.base_layer):
             edit()
             return
-        from .quant import dequantized_weight, requantize
-
-        self._dense_weight = dequantized_weight(self.base_layer)
+        self._dense_weight = strategy("dequantize")(self.base_layer)
         try:
             edit()
-            requantize(self.base_layer, self._dense_weight)
+            strategy("requantize")(self.base_layer, self._dense_weight)
         finally:
             self._dense_weight = None
 
@@ -204,8 +218,6 @@ class TrainableCopies(AdapterHost):
         return self._chosen()(*args, **kwargs)
 
     def _forward_mixed(self, x: torch.Tensor, *args, **kwargs):
-        from .serve.mixed import row_names
-
         rows = row_names(self.row_adapters, x.shape[0])
         outputs: dict[str, torch.Tensor] = {}
         for name in dict.fromkeys(rows):
@@ -226,6 +238,16 @@ class TrainableCopies(AdapterHost):
 
     def extra_repr(self) -> str:
         return f"copies={list(self.copies.keys())}"
+
+
+def row_names(rows: list[str], batch: int) -> list[str]:
+    """``adapter_names`` for a batch of ``batch`` rows; ``generate(num_beams=k)`` repeats each row k times."""
+    if len(rows) == batch:
+        return rows
+    if rows and batch % len(rows) == 0:
+        k = batch // len(rows)
+        return [name for name in rows for _ in range(k)]
+    raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -263,9 +285,7 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, AdapterHost):
         module = module.base_layer
     if is_quantized(module):
-        from .quant import dequantized_weight
-
-        return dequantized_weight(module)
+        return strategy("dequantize")(module)
     return module._parameters["weight"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -11,11 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_ops import AdapterArithmetic
 from .config import DeltaConfig
 from .errors import ConfigError, MergeError
 from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies, claim, wrapper_of
-from .methods.base import LayerDeltaConfig
+from .protocol import strategy
 from .targets import base_modules, get_module, resolve_modules_to_save, resolve_targets, set_module
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -28,12 +28,13 @@ def check_adapter_name(name: str) -> None:
         )
 
 
-class DeltaModel(AdapterArithmetic, nn.Module):
+class DeltaModel(nn.Module):
     """A base model (frozen, never copied) carrying named adapters; ``forward`` runs the active ones.
 
     ``self.model`` is the base model itself, modified in place: adapted layers are replaced by transparent hosts that keep the
     base's parameter names, so ``model.model.state_dict()`` has the base's keys (plus adapter keys) and ``load_state_dict``
-    accepts a plain base checkpoint. Combining adapters and hot-swapping them: ``AdapterArithmetic`` (adapter_ops.py)."""
+    accepts a plain base checkpoint. Saving, loading, combining and hot-swapping run the implementations that
+    ``deltatune.io``, ``deltatune.combine`` and ``deltatune.hotswap`` install (``deltatune.protocol`` strategies)."""
 
     def __init__(self, model: nn.Module, config: DeltaConfig, name: str = "default") -> None:
         super().__init__()
@@ -117,12 +118,12 @@ class DeltaModel(AdapterArithmetic, nn.Module):
             raise ConfigError(f"adapter '{name}' already exists; delete_adapter('{name}') first or pick another name")
         if not isinstance(config, DeltaConfig):
             raise ConfigError(f"config must be a deltatune config such as LoraConfig, got {type(config).__name__}")
-        if config.targets is None and isinstance(config, LayerDeltaConfig):
+        if config.targets is None and config.per_layer:
             config = config.replace(targets=config.default_targets(self.model))
         if config.base_model_name_or_path is None:
             config = config.replace(base_model_name_or_path=getattr(getattr(self.model, "config", None), "_name_or_path", None) or None)
         paths: list[str] = []
-        if isinstance(config, LayerDeltaConfig):
+        if config.per_layer:
             paths = resolve_targets(
                 self.model, config.targets, config.exclude, config.layers, config.layers_pattern, config.is_supported
             )
@@ -325,9 +326,7 @@ class DeltaModel(AdapterArithmetic, nn.Module):
         their dequantized weights, so the result is dense and each merged weight is exactly ``dequant(W) + dW``.
         """
         if dequantize:
-            from .quant import dequantize_model
-
-            dequantize_model(self.model)
+            strategy("dequantize_model")(self.model)
         self.merge(names, safe=safe)
         return self.unload(keep=names)
 
@@ -360,16 +359,39 @@ class DeltaModel(AdapterArithmetic, nn.Module):
         print(line)
         return line
 
+    # ---- files and adapter arithmetic (implemented in the layers above; see the class docstring) -----------------
     def save(self, directory: str, adapter: str | None = None, **kwargs: Any) -> None:
         """Write adapters in the PEFT layout (see ``deltatune.io.save``)."""
-        from .io import save
-
-        save(self, directory, adapter=adapter, **kwargs)
+        strategy("save")(self, directory, adapter=adapter, **kwargs)
 
     def load_adapter(self, directory: str, name: str = "default", **kwargs: Any) -> DeltaModel:
-        from .io import load
+        """Add adapter ``name`` from a folder (see ``deltatune.io.load``)."""
+        return strategy("load")(self, directory, name=name, **kwargs)
 
-        return load(self, directory, name=name, **kwargs)
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
+        svd_rank: int | None = None, density: float | None = None, majority_sign_method: str = "total",
+        seed: int = 0, modules_to_save_from: str | None = None,
+    ) -> Any:
+        """Add LoRA adapter ``adapter_name``, the weighted combination of ``adapters`` defined on their dense
+        task vectors ``dW_i`` (``cat``: exactly ``sum_i w_i dW_i``; other types: truncated SVD, error reported in
+        the returned ``deltatune.combine.CombineReport``). See ``deltatune.combine``."""
+        return strategy("add_weighted_adapter")(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method, seed,
+            modules_to_save_from,
+        )
+
+    def prepare_for_hotswap(self, max_rank: int, names: list[str] | None = None) -> None:
+        """Pad LoRA adapters to rank ``max_rank`` (scaling folded into B) so later swaps keep every shape; call
+        it before ``torch.compile``."""
+        strategy("prepare_for_hotswap")(self, max_rank, names)
+
+    def hotswap_adapter(
+        self, source: str | os.PathLike | dict[str, torch.Tensor], name: str, config: DeltaConfig | None = None
+    ) -> None:
+        """Replace adapter ``name``'s weights in place by those of a LoRA adapter folder (or a PEFT-layout state
+        dict with its ``config``): a compiled model does not recompile. See ``deltatune.hotswap``."""
+        strategy("hotswap_adapter")(self, source, name, config)
 
     def _accept_base_keys(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         """Let ``load_state_dict`` take a plain base checkpoint: keys without the ``model.`` prefix are mapped."""

@@ -26,6 +26,8 @@ from torch import nn
 
 from .errors import ConfigError, DeltatuneError
 from .layers import AdapterHost, is_quantized
+from .model import DeltaModel
+from .protocol import register_strategy
 from .targets import base_modules, get_module, resolve_targets, set_module
 
 # torchao's NF4 levels (the paper's 16 quantiles of N(0, 1), normalised to [-1, 1], 4 decimals as torchao stores them)
@@ -248,8 +250,6 @@ def quantize_nf4(
     model loads onto a freshly quantized copy of the same base with identical outputs. Layers whose size is not a
     multiple of ``block_size`` stay dense (a warning lists them).
     """
-    from .model import DeltaModel
-
     if isinstance(model, DeltaModel):
         raise ConfigError("quantize the base model before wrapping it: dt.quantize_nf4(base); dt.wrap(base, config)")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
@@ -294,6 +294,10 @@ def nf4_bytes(module: nn.Module) -> int:
                 total += sum(b.numel() * b.element_size() for b in (sub.weight_nf4, sub.weight_absmax))
     return total
 
+
+register_strategy("dequantize", dequantized_weight)
+register_strategy("requantize", requantize)
+register_strategy("dequantize_model", dequantize_model)
 
 __all__ = [
     "NF4Linear", "NF4_LEVELS", "dequantize_model", "dequantize_module", "dequantized_weight", "nf4_bytes",

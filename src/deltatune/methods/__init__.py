@@ -1,8 +1,12 @@
-"""Method registry: one line per method (its config class; the class knows how to inject itself)."""
+"""Method registry: one line per method (its config class; the class knows how to inject itself), and the
+lookup from a PEFT ``adapter_config.json`` dictionary to the config class it describes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import DeltaConfig
+from ..errors import ConfigError
 from .adapters import AdapterConfig, HoulsbyConfig, PfeifferConfig
 from .asylora import AsyLoraConfig
 from .dora import DoraConfig
@@ -20,4 +24,20 @@ METHODS: dict[str, type[DeltaConfig]] = {
     "prompt": PromptTuningConfig, "ptuning": PTuningConfig, "prefix": PrefixTuningConfig, "ptuning-v2": PTuningV2Config,
 }
 
-__all__ = ["PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig"]
+
+
+def config_from_peft_dict(data: Any) -> DeltaConfig:
+    """Pick the registered config class for a PEFT ``adapter_config.json`` dictionary and build it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise ConfigError("adapter config has no 'peft_type'; is this an adapter_config.json written by PEFT or deltatune?")
+    for cls in METHODS.values():
+        if cls.peft_type == peft_type and cls.accepts(data):
+            return cls.from_peft_dict(data)
+    known = sorted({cls.peft_type for cls in METHODS.values()})
+    raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
+
+
+__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig"]

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, TrainableCopies, linear_features
+from ..protocol import Delta
 from ..targets import HEAD_NAMES, base_modules
 from .base import LayerDeltaConfig
 
@@ -181,7 +182,7 @@ class PfeifferConfig(AdapterConfig):
     kind: str = "pfeiffer"
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(Delta):
     """``h + W_up f(W_down h + b_down) + b_up`` with ``W_down`` [m, d], ``W_up`` [d, m], applied to the layer output."""
 
     transforms_output = True  # a function of the layer output: runs after weight deltas (see DeltaLayer)

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import DeltaConfig
 from ..errors import ConfigError, MergeError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
+from ..protocol import Delta
 from ..targets import default_targets
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class LayerDeltaConfig(DeltaConfig):
     """
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d_t", "embedding", "conv")
+    per_layer: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
 
     bias: str = "none"
@@ -60,8 +62,10 @@ class LayerDeltaConfig(DeltaConfig):
             host.adapters[name] = delta
 
 
-class MergeableDelta(nn.Module):
+class MergeableDelta(Delta):
     """A delta whose effect is a weight update ``dW``: merge adds it (in float32), unmerge subtracts it."""
+
+    mergeable = True
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         """``dW`` in the layout of ``layer.weight`` (float32)."""
@@ -84,6 +88,14 @@ class MergeableDelta(nn.Module):
         weight.data.copy_((weight.detach().float() - self.delta_weight(layer).to(weight.device)).to(weight.dtype))
 
 
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern rule: the first key that matches the end of the module path wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
 def frozen(tensor_owner: Any) -> Any:
     """Mark a parameter (or every parameter of a module) as never trainable, e.g. AsyLoRA's fixed A."""
     params = tensor_owner.parameters() if isinstance(tensor_owner, nn.Module) else [tensor_owner]
@@ -99,10 +111,7 @@ def check_rank(config: DeltaConfig, module: nn.Module, path: str) -> None:
     r = getattr(config, "r", None)
     if not isinstance(r, int):
         return
-    for key, value in (getattr(config, "rank_pattern", None) or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            r = value
-            break
+    r = pattern_value(getattr(config, "rank_pattern", None) or {}, path, r)
     kind = layer_kind(module)
     weight = getattr(module, "weight", None)
     dims = linear_features(module) if kind in ("linear", "conv1d_t") else tuple(getattr(weight, "shape", ()))

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..errors import MergeError, TargetError
 from ..layers import DeltaLayer, base_weight, layer_kind, linear_features
-from ..ops import dora_linear, fusable_base
 from .lora import INITS, LoraConfig, LoraLinear, pattern_value
 
 
@@ -66,6 +65,8 @@ class DoraConfig(LoraConfig):
 
 class DoraLinear(LoraLinear):
     """LoRA pair plus the magnitude vector ``lora_magnitude_vector`` [out]."""
+
+    batch_kind = "dora"
 
     def __init__(
         self, weight: torch.Tensor, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
@@ -118,38 +119,13 @@ class DoraLinear(LoraLinear):
         return sq.clamp_min(0).sqrt()
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def fused_forward(self, x: torch.Tensor, layer: DeltaLayer) -> torch.Tensor | None:
-        """``base(x) + delta`` as one op (``deltatune.ops.dora_linear``: ``g * (x (W0 + s B A)^T) + b``) when
-        dropout is off and the base is a plain frozen float Linear/Conv1D of the adapter's dtype, else None."""
-        if self.dropout_p() > 0:
-            return None
-        base = fusable_base(layer.base_layer, x)
-        if base is None or base[0].dtype != self.lora_A.weight.dtype:
-            return None
-        norm = self.weight_norm(layer).to(base[0].dtype)
-        return dora_linear(
-            x, base[0], base[1], self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector, norm, self.scaling
-        )
-
-    def _out_is_base(self, layer: DeltaLayer) -> bool:
-        """Whether ``out`` is the bare base output (no other unmerged adapter ran before this one)."""
-        if layer.row_adapters is not None:
-            return True
-        for name in layer.active:
-            delta = layer.adapters[name] if name in layer.adapters else None
-            if delta is self:
-                return True
-            if delta is not None and name not in layer.merged:
-                return False
-        return True
-
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
         xd = self.dropout(x.to(dtype))
         g = self.lora_magnitude_vector / self.weight_norm(layer).to(dtype)
         lora = self.lora_B(self.lora_A(xd) * self.scaling)  # scale the [tokens, r] intermediate, not [tokens, out]
         dropped = self.training and isinstance(self.dropout, nn.Dropout)
-        if not dropped and self._out_is_base(layer):
+        if not dropped and layer.only_delta(self):
             # out = W0 x + b  =>  y = g (W0 x + s B A x) + b = g (out + lora) + (1 - g) b
             bias = layer._parameters.get("bias")
             total = out.to(dtype) + lora
@@ -160,7 +136,9 @@ class DoraLinear(LoraLinear):
         return torch.addcmul(out.to(dtype) - base, g, base + lora).to(out.dtype)
 
     # ---- merging -----------------------------------------------------------------------------------------------
-    low_rank_factors = None  # dW is not s B A (the magnitude rescales rows): combining uses the dense delta_weight
+    def low_rank_factors(self) -> None:  # type: ignore[override]
+        """None: dW is not s B A (the magnitude rescales rows); combining uses the dense ``delta_weight``."""
+        return None
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         """``dW = g * (W0 + s B A) - W0`` in the layout of ``layer.weight`` (float32)."""

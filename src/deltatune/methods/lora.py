@@ -16,20 +16,11 @@ from torch import nn
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
-from ..ops import fusable_base, lora_add, lora_linear
-from .base import LayerDeltaConfig, MergeableDelta
+from .base import LayerDeltaConfig, MergeableDelta, pattern_value
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
 INITS = {"kaiming", "gaussian", "random", "zeros"}
 _INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "random": False, "zeros": True}
-
-
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern rule: the first key that matches the end of the module path wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 @dataclass
@@ -102,7 +93,7 @@ class LoraConfig(LayerDeltaConfig):
     def inject(self, model: Any, name: str, paths: list[str]) -> None:
         super().inject(model, name, paths)
         if self.init in PRINCIPAL_INITS:
-            principal_init(model, name, paths, self.init)
+            principal_init(model, name, paths, self.init, LoraLinear)
 
     def export_for_save(self, model: Any, name: str, data: dict, tensors: dict) -> tuple[dict, dict]:
         """PiSSA/OLoRA adapters are saved as plain rank-2r LoRA on the original base (as PEFT converts them)."""
@@ -186,19 +177,11 @@ class LoraLinear(MergeableDelta):
         self.fan_in_fan_out = fan_in_fan_out
         init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
-    def dropout_p(self) -> float:
-        """The dropout probability in effect now (0 in eval mode)."""
-        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+    batch_kind = "lowrank"
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
-        return lora_add(x, out, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p())
-
-    def fused_forward(self, x: torch.Tensor, layer: DeltaLayer) -> torch.Tensor | None:
-        """``base(x) + delta`` as one fused op (``deltatune.ops.lora_linear``) when the base allows it, else None."""
-        base = fusable_base(layer.base_layer, x)
-        if base is None:
-            return None
-        return lora_linear(x, base[0], base[1], self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p())
+        dtype = self.lora_A.weight.dtype
+        return out + (self.lora_B(self.lora_A(self.dropout(x.to(dtype)))) * self.scaling).to(out.dtype)
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         weight = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -211,6 +194,8 @@ class LoraLinear(MergeableDelta):
 
 class LoraEmbedding(MergeableDelta):
     """``out + s * (A^T[ids]) B^T``: the usual embedding convention, A [r, vocab] zero, B [dim, r] normal."""
+
+    batch_kind = "embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float, init: str) -> None:
         super().__init__()

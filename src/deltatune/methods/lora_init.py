@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import AdapterFileError, TargetError
 from ..layers import DeltaLayer, layer_kind
+from .base import pattern_value
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
@@ -41,13 +42,12 @@ def principal_factors(weight: torch.Tensor, r: int, scaling: float, init: str) -
     return upper[:r].contiguous(), q[:, :r].contiguous()
 
 
-def principal_init(model: DeltaModel, name: str, paths: list[str], init: str) -> None:
-    """Set A, B of adapter ``name`` from each layer's weight and subtract ``s B A`` from the weight."""
-    from .lora import LoraLinear
-
+def principal_init(model: DeltaModel, name: str, paths: list[str], init: str, linear_type: type) -> None:
+    """Set A, B of adapter ``name`` (deltas of exactly ``linear_type``) from each layer's weight and subtract
+    ``s B A`` from the weight."""
     hosts = [model.host_at(path, DeltaLayer) for path in paths]
     for path, host in zip(paths, hosts):
-        if type(host.adapters[name]) is not LoraLinear:
+        if type(host.adapters[name]) is not linear_type:
             raise TargetError(f"init={init!r} supports Linear and Conv1D layers only; exclude '{path}'")
         if host.weight_for_merge is not host._parameters.get("weight"):
             raise TargetError(f"init={init!r} rewrites the base weight; '{path}' is quantized: initialise, then quantize")
@@ -122,8 +122,6 @@ def principal_file_as_plain_lora(
     equivalent plain LoRA that PEFT's own conversion writes, ``A' = [A; A0]``, ``B' = [B, -B0]`` with r and alpha
     doubled (alpha * sqrt 2 for rsLoRA): ``s B' A' = s (B A - B0 A0)``, the same function, and W0 stays untouched.
     """
-    from .lora import pattern_value
-
     out = dict(tensors)
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):

@@ -101,6 +101,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MoraLinear(MergeableDelta):
     """``out + decompress(M compress(drop(x)))``; M is ``mora_M.weight`` [r_hat, r_hat]."""
 
+    batch_kind = "mora"  # a subclass that changes ``update`` must set None
+
     def __init__(
         self, in_features: int, out_features: int, r_hat: int, mora_type: int, dropout: float, init: str,
         fan_in_fan_out: bool,

@@ -16,7 +16,7 @@ With ``V`` virtual tokens in all, on every call the 2-D ``attention_mask`` gets 
 ``token_type_ids`` get ``0`` for the prompt-kind positions (only per-token labels [batch, seq]; sequence labels are
 left alone). The caller's tensors never include the virtual tokens.
 In a mixed-adapter batch (``adapter_names=``) each row gets its own adapter's virtual tokens, padded and masked
-where that is exact; ``serve/virtual.py`` does that rewrite and refuses the batches where it would not be exact.
+where that is exact; ``batching/virtual.py`` does that rewrite and refuses the batches where it would not be exact.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..config import DeltaConfig
 from ..errors import ConfigError, TargetError
 from ..kvcache import pop_cache, put_cache
 from ..layers import AdapterHost, TrainableCopies
+from ..protocol import strategy
 from ..targets import resolve_modules_to_save
 
 if TYPE_CHECKING:
@@ -77,13 +78,11 @@ class VirtualTokenHost(AdapterHost):
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if self.disabled:
             return None
-        if self.row_adapters is not None:  # a mixed batch: per-row virtual tokens where exact (serve/virtual.py)
+        if self.row_adapters is not None:  # a mixed batch: per-row virtual tokens where exact (batching/virtual.py)
             if not any(r in self.adapters for r in self.row_adapters):
                 return None
-            from ..serve.virtual import mixed_virtual_tokens
-
             kwargs = self._bind(args, kwargs)
-            return (), mixed_virtual_tokens(self.root, self._signature, kwargs, self.row_adapters, self.adapters)
+            return (), strategy("mixed_virtual_tokens")(self.root, self._signature, kwargs, self.row_adapters, self.adapters)
         modules = [self.adapters[n] for n in self.active if n in self.adapters]
         if not modules:
             return None

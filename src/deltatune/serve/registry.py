@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ..batching.virtual import CAUSAL_SUFFIXES
 from ..errors import AdapterFileError, ConfigError, DeltatuneError
 from ..io import CONFIG_NAME, WEIGHTS_NAME, load, read_config
 from ..layers import BASE
@@ -26,7 +27,6 @@ from ..methods.base import LayerDeltaConfig
 from ..methods.prefix import PrefixTuningConfig
 from ..model import DeltaModel, check_adapter_name
 from .compiled import CompiledSlots
-from .virtual import CAUSAL_SUFFIXES
 
 
 class ServeError(DeltatuneError):

@@ -18,9 +18,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..config import DeltaConfig, config_from_peft_dict
+from ..config import DeltaConfig
 from ..errors import ConfigError
-from ..methods import METHODS
+from ..methods import METHODS, config_from_peft_dict
 
 BASELINES = ("full", "head", "last-layers")
 BASELINE_LR = {"full": 5e-5, "last-layers": 1e-4, "head": 3e-2}

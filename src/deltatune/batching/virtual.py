@@ -35,7 +35,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..kvcache import pop_cache, put_cache
-from .mixed import row_names
+from ..layers import row_names
+from ..methods.virtual_tokens import input_embeddings
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -117,7 +118,6 @@ def mixed_virtual_tokens(
     """Rewrite one forward call's keyword arguments for a mixed batch holding prompt/prefix rows (see module doc)."""
     from transformers.cache_utils import Cache, DynamicCache
 
-    from ..methods.virtual_tokens import input_embeddings
 
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     ref = embeds if embeds is not None else ids

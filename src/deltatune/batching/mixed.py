@@ -36,39 +36,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MergeError
-from ..layers import BASE, DeltaLayer
-from ..methods.dora import DoraLinear
-from ..methods.lora import LoraEmbedding, LoraLinear
-from ..methods.mora import MoraLinear
-
-
-def row_names(rows: list[str], batch: int) -> list[str]:
-    """``adapter_names`` for a batch of ``batch`` rows; ``generate(num_beams=k)`` repeats each row k times."""
-    if len(rows) == batch:
-        return rows
-    if rows and batch % len(rows) == 0:
-        k = batch // len(rows)
-        return [name for name in rows for _ in range(k)]
-    raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {batch} rows")
+from ..layers import BASE, DeltaLayer, row_names
 
 
 def batch_kind(delta: nn.Module, layer: DeltaLayer) -> str | None:
-    """How a delta joins the batched path: "lowrank", "dora", "mora", "embedding", or None (per-adapter loop)."""
-    forward = type(delta).forward
-    if forward is LoraLinear.forward:
-        return "lowrank"
-    if forward is DoraLinear.forward:
-        return "dora"
-    if forward is MoraLinear.forward and type(delta).update is MoraLinear.update:
-        return "mora"
-    if forward is LoraEmbedding.forward and getattr(layer.base_layer, "max_norm", None) is None:
-        return "embedding"
-    return None
+    """How a delta joins the batched path: its protocol ``batch_kind`` ("lowrank", "dora", "mora", "embedding"), or
+    None (per-adapter loop). Embedding LoRA with ``max_norm`` renormalises rows it looks up: looped."""
+    kind = delta.batch_kind
+    if kind == "embedding" and getattr(layer.base_layer, "max_norm", None) is not None:
+        return None
+    return kind
 
 
 def _dropping(delta: nn.Module) -> bool:
-    dropout = getattr(delta, "dropout", None)
-    return delta.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+    return delta.dropout_p() > 0
 
 
 @dataclass
@@ -83,7 +64,7 @@ class Stacks:
     dora: frozenset[str] = frozenset()
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # A [n+1, r, in], sB [n+1, out, r]
     gain: torch.Tensor | None = None  # DoRA g [n+1, out], ones for other slots
-    mora: list[tuple[MoraLinear, torch.Tensor]] = field(default_factory=list)  # (representative, M [n+1, r, r])
+    mora: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)  # (representative, M [n+1, r, r])
     embedding: tuple[torch.Tensor, torch.Tensor] | None = None  # A^T [n+1, vocab, r], (sB)^T [n+1, r, dim]
     lowrank_t: torch.Tensor | None = None  # (sB)^T [n+1, r, out], for the few-token path
     index: tuple | None = None  # (rows, slot per row, used slots [u], one-hot [batch, u])
@@ -191,7 +172,7 @@ def build_stacks(layer: DeltaLayer, entries: list[tuple[str, nn.Module, str]], k
         ones = torch.ones_like(gains[0])
         by_slot = dict(zip([k for k, _ in dora], gains))
         stacks.gain = torch.stack([by_slot.get(k, ones) for k in range(n + 1)])
-    groups: dict[tuple, list[tuple[int, MoraLinear]]] = {}
+    groups: dict[tuple, list[tuple[int, nn.Module]]] = {}
     for nm, d, kind in entries:
         if kind == "mora":
             groups.setdefault((d.r_hat, d.mora_type, d.in_features, d.out_features), []).append((slots[nm], d))
@@ -277,12 +258,20 @@ def apply_stacks(layer: DeltaLayer, stacks: Stacks, index: torch.Tensor, x: torc
     return total.to(out.dtype)
 
 
+def _single(layer: DeltaLayer, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One delta on rows that all chose it; ``out`` is their base output, recomputed when the delta transforms the
+    layer's input."""
+    if delta.transforms_input:
+        out = layer.base_layer(delta.transform_input(x, layer))
+    return layer.apply_delta(delta, x, out)
+
+
 def run_each(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
     """Each adapter in ``names`` runs once on the rows that asked for it (index select)."""
     result = out.clone()
     for name in names:
         index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
-        result[index] = layer.adapters[name](x[index], out[index], layer)
+        result[index] = _single(layer, layer.adapters[name], x[index], out[index])
     return result
 
 
@@ -297,9 +286,9 @@ def forward_mixed(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor) -> torc
         return out
     deltas = [adapters[name] for name in used]
     if len(used) == 1 and all(r == used[0] for r in rows):  # one adapter for every row: its own forward
-        return deltas[0](x, out, layer)
+        return _single(layer, deltas[0], x, out)
     if layer.training and any(_dropping(d) for d in deltas):
-        return run_each(layer, x, out, rows, used)
+        return _single(layer, deltas[0], x, out)
     need_grad = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())
     stacks = layer_stacks(layer, used, need_grad)
     batched = [name for name in used if stacks is not None and name in stacks.slots]

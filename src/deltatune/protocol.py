@@ -1,0 +1,127 @@
+"""The delta protocol: what a method's per-layer module must provide, and the registries through which upper layers
+(kernels, batching, quantization, io, adapter arithmetic) plug into the core without the core importing them.
+
+A *delta* is one adapter's module inside one adapted layer (``DeltaLayer.adapters[name]``). For an input ``x`` the
+host computes, over its active, unmerged deltas::
+
+    x'  = t_k(... t_1(x))          deltas with transforms_input (IA3 on FFN inputs, OFT), in active order
+    out = base(x')
+    out = d(x, out, layer)         additive deltas (LoRA family), in active order
+    out = d(x, out, layer)         deltas with transforms_output (bottleneck adapters), last
+
+Everything a delta may take part in is declared here, with its default; code outside a method reads these
+attributes and calls these methods, never a method's class name:
+
+* ``forward(x, out, layer) -> out``: the formula, in plain PyTorch (the reference every kernel is tested against);
+* ``transform_input(x, layer) -> x'`` when ``transforms_input``; ``transforms_output`` orders output transforms last;
+* ``delta_weight(layer) -> dW`` (float32, the layout of ``layer.weight``) when ``mergeable``; ``merge_into`` /
+  ``unmerge_from`` edit ``layer.weight_for_merge`` in place (``MergeableDelta`` derives both from ``delta_weight``);
+* ``low_rank_factors() -> (B, A)`` when ``dW = s B A`` exactly (adapter combination and hot-swap use it), else None;
+* ``batch_kind``: the name under which ``deltatune.batching`` stacks this delta type for mixed-adapter batches
+  (None: the batch runs the delta once per adapter on its rows, which is always exact);
+* file tensors: the delta's ``state_dict`` keys, under the layer's path, are its keys in the adapter file
+  (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix.
+
+A delta gets what it needs as arguments (``x``, ``out``, ``layer``); the host's own state it may read is
+``layer.weight_for_merge`` and ``layer.base_layer``, and ``layer.only_delta(self)``: whether ``out`` is the bare base
+output (no other delta has changed it), which DoRA's rescaling needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import DeltatuneError
+
+
+class Delta(nn.Module):
+    """Base of every per-layer delta: the protocol's defaults (see the module docstring)."""
+
+    transforms_input: ClassVar[bool] = False
+    transforms_output: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    batch_kind: ClassVar[str | None] = None
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, layer: Any) -> torch.Tensor:
+        """The updated layer output; input-transforming deltas return ``out`` (their work is ``transform_input``)."""
+        return out
+
+    def transform_input(self, x: torch.Tensor, layer: Any) -> torch.Tensor:
+        return x
+
+    def delta_weight(self, layer: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not a weight update")
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def dropout_p(self) -> float:
+        """The dropout probability in effect now: the ``dropout`` module's p in training mode, else 0."""
+        dropout = self._modules.get("dropout")
+        return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
+
+
+# ---- kernels: optional fast paths per delta type ------------------------------------------------------------------
+# A kernel computes exactly what the delta's forward computes (tests compare them); "fused" computes the whole layer
+# output base(x) + delta in one op and may return None to decline, "add" replaces ``forward(x, out, layer)``.
+_KERNELS: dict[type, dict[str, Callable[..., Any]]] = {}
+_KERNELS_ON = [os.environ.get("DELTATUNE_KERNELS", "1").strip().lower() not in ("0", "off", "false", "no")]
+
+
+def register_kernel(delta_type: type, kind: str, function: Callable[..., Any]) -> None:
+    """Register ``function`` as the ``kind`` ("fused" or "add") kernel of exactly ``delta_type``."""
+    if kind not in ("fused", "add"):
+        raise ValueError(f"kernel kind must be 'fused' or 'add', got {kind!r}")
+    _KERNELS.setdefault(delta_type, {})[kind] = function
+
+
+def kernel(delta: nn.Module, kind: str) -> Callable[..., Any] | None:
+    """The registered kernel for ``delta``'s exact type (a subclass may change the formula), when kernels are on."""
+    if not _KERNELS_ON[0]:
+        return None
+    return _KERNELS.get(type(delta), {}).get(kind)
+
+
+def set_kernels(enabled: bool) -> bool:
+    """Turn every registered kernel on or off (the plain formulas run when off); returns the previous setting."""
+    previous = _KERNELS_ON[0]
+    _KERNELS_ON[0] = bool(enabled)
+    return previous
+
+
+def kernels_enabled() -> bool:
+    return _KERNELS_ON[0]
+
+
+# ---- strategies: behaviour the core needs from the layers above it --------------------------------------------------
+_STRATEGIES: dict[str, Callable[..., Any]] = {}
+_PROVIDERS = {
+    "mixed_forward": "deltatune.batching", "mixed_virtual_tokens": "deltatune.batching",
+    "dequantize": "deltatune.quant", "requantize": "deltatune.quant", "dequantize_model": "deltatune.quant",
+    "save": "deltatune.io", "load": "deltatune.io",
+    "add_weighted_adapter": "deltatune.combine", "prepare_for_hotswap": "deltatune.hotswap",
+    "hotswap_adapter": "deltatune.hotswap",
+}
+
+
+def register_strategy(name: str, function: Callable[..., Any]) -> None:
+    """Install the implementation of ``name`` (one of ``_PROVIDERS``); the providing module does it on import."""
+    if name not in _PROVIDERS:
+        raise ValueError(f"unknown strategy {name!r}; known: {sorted(_PROVIDERS)}")
+    _STRATEGIES[name] = function
+
+
+def strategy(name: str) -> Callable[..., Any]:
+    """The installed implementation of ``name``; ``import deltatune`` installs all of them."""
+    try:
+        return _STRATEGIES[name]
+    except KeyError:
+        raise DeltatuneError(
+            f"{name} is provided by {_PROVIDERS.get(name, 'an upper layer')}, which is not imported; "
+            f"`import deltatune` installs every provider"
+        ) from None

@@ -6,20 +6,8 @@ from . import batching, combine, hotswap, kernels, quiet  # noqa: F401  (each in
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
 from .io import load, save
-from .methods import (
-    METHODS,
-    AdapterConfig,
-    AsyLoraConfig,
-    DoraConfig,
-    HoulsbyConfig,
-    LoraConfig,
-    MoraConfig,
-    PfeifferConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    PTuningConfig,
-    PTuningV2Config,
-)
+from .methods import *  # noqa: F403  (every registered config class, METHODS, config_from_peft_dict)
+from .methods import __all__ as _method_names
 from .model import DeltaModel, wrap
 from .optim import ReLoRA, loraplus_optimizer
 from .quant import quantize_nf4
@@ -29,10 +17,6 @@ quiet.install()  # before any transformers model code imports torchao
 __version__ = "0.1.0"
 
 __all__ = [
-    "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config",
-    "AdapterConfig", "HoulsbyConfig", "PfeifferConfig",
-    "AsyLoraConfig", "DoraConfig", "MoraConfig", "ReLoRA", "loraplus_optimizer",
-    "METHODS", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel", "DeltatuneError", "LoraConfig",
-    "MergeError", "TargetError", "__version__", "load", "save", "wrap",
-    "quantize_nf4",
+    *_method_names, "ReLoRA", "loraplus_optimizer", "AdapterFileError", "ConfigError", "DeltaConfig", "DeltaModel",
+    "DeltatuneError", "MergeError", "TargetError", "__version__", "kernels", "load", "save", "wrap", "quantize_nf4",
 ]

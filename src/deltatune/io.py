@@ -208,6 +208,14 @@ def file_key(config: DeltaConfig, key: str) -> str:
     return getattr(config, "file_prefix", PREFIX) + key
 
 
+def config_for_loading(config: DeltaConfig) -> DeltaConfig:
+    """The form of ``config`` whose live tensors a file fills: no random init to overwrite (``init="zeros"``), or
+    the method's own ``for_loading`` (e.g. a prompt without its encoder)."""
+    if hasattr(config, "for_loading"):
+        return config.for_loading()
+    return config.replace(init="zeros") if hasattr(config, "init") else config
+
+
 def read_tensors(directory: Path, allow_bin: bool = False, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if path.is_file():
@@ -312,10 +320,7 @@ def load(
             raise AdapterFileError(f"{directory}: init {config.init!r} is supported for plain LoRA files only")
         root = model.model if isinstance(model, DeltaModel) else model
         config, tensors = principal_file_as_plain_lora(root, config, tensors)
-    if hasattr(config, "for_loading"):  # the form whose live tensors the file fills (e.g. a prompt without encoder)
-        loading_config = config.for_loading()
-    else:
-        loading_config = config.replace(init="zeros") if hasattr(config, "init") else config
+    loading_config = config_for_loading(config)
     fresh = not isinstance(model, DeltaModel)
     flags = [(p, p.requires_grad) for p in model.parameters()]  # the user's flags, put back exactly on failure
     if fresh:

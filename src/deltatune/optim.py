@@ -17,28 +17,20 @@ from torch import nn
 
 from .errors import ConfigError
 from .layers import DeltaLayer
-from .methods.lora import LoraConv, LoraEmbedding, LoraLinear, init_pair
-
-A_NAMES = ("lora_A.weight", "lora_embedding_A")
-B_NAMES = ("lora_B.weight", "lora_embedding_B")
-EMBEDDING_NAMES = ("lora_embedding_A", "lora_embedding_B")
 
 
 def lora_roles(model: nn.Module) -> dict[int, tuple[str, bool]]:
-    """id(parameter) -> (role "A" | "B" | "magnitude", is_embedding) for every adapter parameter with a role."""
+    """id(parameter) -> (role "A" | "B" | "magnitude", is_embedding) for every adapter parameter with a role (the
+    deltas' ``param_roles``, see ``deltatune.protocol``)."""
     roles: dict[int, tuple[str, bool]] = {}
     for module in model.modules():
         if not isinstance(module, DeltaLayer):
             continue
         for delta in module.adapters.values():
-            for key, parameter in delta.named_parameters():
-                embedding = key in EMBEDDING_NAMES
-                if key in A_NAMES:
-                    roles[id(parameter)] = ("A", embedding)
-                elif key in B_NAMES:
-                    roles[id(parameter)] = ("B", embedding)
-                elif key == "lora_magnitude_vector":
-                    roles[id(parameter)] = ("magnitude", False)
+            named = dict(delta.named_parameters())
+            for key, role in delta.param_roles().items():
+                if key in named:
+                    roles[id(named[key])] = (role.removesuffix("_embedding"), role.endswith("_embedding"))
     return roles
 
 
@@ -158,7 +150,7 @@ class ReLoRA:
         for _, host in self.model.hosts():
             if isinstance(host, DeltaLayer) and self.adapter in host.adapters:
                 delta = host.adapters[self.adapter]
-                if type(delta) not in (LoraLinear, LoraConv, LoraEmbedding):
+                if not delta.restartable:
                     raise ConfigError(f"ReLoRA restarts plain LoRA layers; adapter '{self.adapter}' has {type(delta).__name__}")
                 if host.weight_for_merge is not host._parameters.get("weight"):
                     raise ConfigError("ReLoRA merges into the stored base weight; a quantized base is not supported")
@@ -195,11 +187,7 @@ class ReLoRA:
         for host, delta in self.deltas:
             weight = host.weight_for_merge
             weight.add_(delta.delta_weight(host).to(weight.device, weight.dtype))  # in place: bumps the version
-            if isinstance(delta, LoraEmbedding):
-                delta.lora_embedding_A.zero_()
-                delta.lora_embedding_B.normal_()
-            else:
-                init_pair(delta.lora_A.weight, delta.lora_B.weight, "kaiming", delta.lora_A.weight.shape[0])
+            delta.restart()
         for parameter in self.lora_parameters():
             state = self.optimizer.state.get(parameter)
             if state:

@@ -19,6 +19,10 @@ attributes and calls these methods, never a method's class name:
 * ``low_rank_factors() -> (B, A)`` when ``dW = s B A`` exactly (adapter combination and hot-swap use it), else None;
 * ``batch_kind``: the name under which ``deltatune.batching`` stacks this delta type for mixed-adapter batches
   (None: the batch runs the delta once per adapter on its rows, which is always exact);
+* ``param_roles()``: parameter name -> role for optimizers ("A" / "B": input / output factor of a product, which
+  LoRA+ gives different learning rates; "A_embedding" / "B_embedding" for embedding factors; "magnitude");
+* ``restartable`` / ``restart()``: ReLoRA merges ``delta_weight`` into the base, then ``restart()`` re-initialises the
+  delta so that its ``delta_weight`` is zero again;
 * file tensors: the delta's ``state_dict`` keys, under the layer's path, are its keys in the adapter file
   (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix.
 
@@ -46,6 +50,7 @@ class Delta(nn.Module):
     transforms_output: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     batch_kind: ClassVar[str | None] = None
+    restartable: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: Any) -> torch.Tensor:
         """The updated layer output; input-transforming deltas return ``out`` (their work is ``transform_input``)."""
@@ -59,6 +64,12 @@ class Delta(nn.Module):
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
+
+    def param_roles(self) -> dict[str, str]:
+        return {}
+
+    def restart(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot restart")
 
     def dropout_p(self) -> float:
         """The dropout probability in effect now: the ``dropout`` module's p in training mode, else 0."""

@@ -67,6 +67,10 @@ class DoraLinear(LoraLinear):
     """LoRA pair plus the magnitude vector ``lora_magnitude_vector`` [out]."""
 
     batch_kind = "dora"
+    restartable = False  # dW depends on W0 through the norm: merging and re-initialising is not a restart
+
+    def param_roles(self) -> dict[str, str]:
+        return {**super().param_roles(), "lora_magnitude_vector": "magnitude"}
 
     def __init__(
         self, weight: torch.Tensor, in_features: int, out_features: int, r: int, scaling: float, dropout: float,

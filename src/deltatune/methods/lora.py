@@ -178,6 +178,7 @@ class LoraLinear(MergeableDelta):
         init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
     batch_kind = "lowrank"
+    restartable = True
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
@@ -186,6 +187,14 @@ class LoraLinear(MergeableDelta):
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         weight = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         return weight.T if self.fan_in_fan_out else weight
+
+    def param_roles(self) -> dict[str, str]:
+        return {"lora_A.weight": "A", "lora_B.weight": "B"}
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """A Kaiming, B zero: ``dW = 0``."""
+        init_pair(self.lora_A.weight, self.lora_B.weight, "kaiming", self.lora_A.weight.shape[0])
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B [out, r], A [r, in])``, live: ``dW = s B A`` as an [out, in] matrix (``deltatune.combine``)."""
@@ -196,6 +205,7 @@ class LoraEmbedding(MergeableDelta):
     """``out + s * (A^T[ids]) B^T``: the usual embedding convention, A [r, vocab] zero, B [dim, r] normal."""
 
     batch_kind = "embedding"
+    restartable = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float, init: str) -> None:
         super().__init__()
@@ -219,6 +229,15 @@ class LoraEmbedding(MergeableDelta):
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+    def param_roles(self) -> dict[str, str]:
+        return {"lora_embedding_A": "A_embedding", "lora_embedding_B": "B_embedding"}
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """A zero, B normal: ``dW = 0`` (the usual embedding init)."""
+        self.lora_embedding_A.zero_()
+        self.lora_embedding_B.normal_()
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B [dim, r], A [r, vocab])``, live: ``s B A`` is ``dW^T`` ([dim, vocab])."""
@@ -248,6 +267,10 @@ class LoraConv(MergeableDelta):
         dtype = self.lora_A.weight.dtype
         update = self.lora_B(self.lora_A(self.dropout(x.to(dtype)))) * self.scaling
         return out + update.to(out.dtype)
+
+    restartable = True
+    param_roles = LoraLinear.param_roles
+    restart = LoraLinear.restart
 
     def delta_weight(self, layer: DeltaLayer) -> torch.Tensor:
         b = self.lora_B.weight.float().flatten(1)

@@ -34,6 +34,7 @@ class DeltaConfig:
     method: ClassVar[str] = ""
     per_layer: ClassVar[bool] = False  # adds a delta to each targeted layer (then ``targets`` are layers)
     mergeable: ClassVar[bool] = False
+    unmergeable_reason: ClassVar[str] = "its delta is not a weight update"
     # our field name -> PEFT key name (subclasses extend)
     peft_keys: ClassVar[dict[str, str]] = {
         "targets": "target_modules",

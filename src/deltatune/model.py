@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from torch import nn
 from .config import DeltaConfig
 from .errors import ConfigError, MergeError
 from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies, claim, wrapper_of
+from .merging import merge_adapters
 from .protocol import strategy
 from .targets import base_modules, get_module, resolve_modules_to_save, resolve_targets, set_module
 
@@ -247,69 +247,10 @@ class DeltaModel(nn.Module):
 
         Adapters that are not weight updates (bottleneck adapters, prompts, prefixes) raise ``MergeError``, unless
         ``skip_unmergeable``: then only the mergeable ones are merged, the others stay live (a warning lists them).
-        Returns the names left unmerged.
+        Returns the names left unmerged. All or nothing: a refused merge changes no weight (``deltatune.merging``).
         """
         names = self._active if names is None else ([names] if isinstance(names, str) else list(names))
-        for name in names:
-            if name not in self.configs:
-                raise ConfigError(f"no adapter named '{name}'; adapters: {', '.join(self.configs)}")
-        blocked = [n for n in names if not getattr(self.configs[n], "mergeable", False)]
-        if blocked:
-            mergeable = [n for n in names if n not in blocked]
-            if not skip_unmergeable:
-                reasons = "; ".join(
-                    f"'{n}' ({type(self.configs[n]).__name__}: "
-                    f"{getattr(self.configs[n], 'unmergeable_reason', 'its delta is not a weight update')})"
-                    for n in blocked
-                )
-                hint = (
-                    f"pass skip_unmergeable=True to merge only {mergeable} and keep {blocked} as live adapters"
-                    if mergeable else "keep it as a live adapter (it works unmerged), or unload() to drop it"
-                )
-                raise MergeError(f"cannot merge into the weights: {reasons}; {hint}")
-            warnings.warn(
-                f"merged {mergeable}; adapters {blocked} cannot be merged and stay active as unmerged adapters",
-                stacklevel=2,
-            )
-            names = mergeable
-        self._check_untied(names)
-        work = [
-            (path, host, name)
-            for path, host in self.hosts()
-            if isinstance(host, DeltaLayer)
-            for name in names
-            if name in host.adapters and name not in host.merged
-        ]
-        if safe:  # check every layer before writing any, so a refused merge changes nothing
-            for path, host, name in work:
-                candidate = getattr(host.adapters[name], "merged_weight", None)
-                if candidate is not None and not torch.isfinite(candidate(host)).all():
-                    raise MergeError(f"merging adapter '{name}' would put NaN/inf into '{path}'; nothing was changed")
-        done: list[DeltaLayer] = []
-        try:
-            for _, host, name in work:
-                host.merge(name, safe=safe)
-                done.append(host)
-        except BaseException:
-            for host in reversed(done):
-                host.unmerge_last()
-            raise
-        return blocked
-
-    def _check_untied(self, names: list[str]) -> None:
-        """Refuse to merge into a weight shared with another module (tied embeddings / lm_head)."""
-        owners: dict[int, list[str]] = {}
-        for path, parameter in self.model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(parameter), []).append(path)
-        for path, host in self.hosts():
-            if isinstance(host, DeltaLayer) and any(n in host.adapters for n in names):
-                weight = host._parameters.get("weight")
-                shared = [p for p in owners.get(id(weight), []) if p != f"{path}.weight"] if weight is not None else []
-                if shared:
-                    raise MergeError(
-                        f"the weight of '{path}' is tied to {shared}; merging would change both. Untie the "
-                        f"weights first (e.g. clone lm_head.weight) or do not target tied layers"
-                    )
+        return merge_adapters(self, names, safe, skip_unmergeable)
 
     def unmerge(self) -> None:
         """Subtract every merged delta again (restores the weights up to float32 rounding)."""

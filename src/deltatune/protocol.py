@@ -62,6 +62,11 @@ class Delta(nn.Module):
     def delta_weight(self, layer: Any) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is not a weight update")
 
+    def merged_weight(self, layer: Any) -> torch.Tensor:
+        """The float32 weight the layer would hold after merging: ``W0 + dW``."""
+        weight = layer.weight_for_merge
+        return weight.detach().float() + self.delta_weight(layer).to(weight.device)
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 

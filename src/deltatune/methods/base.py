@@ -71,11 +71,6 @@ class MergeableDelta(Delta):
         """``dW`` in the layout of ``layer.weight`` (float32)."""
         raise NotImplementedError
 
-    def merged_weight(self, layer: DeltaLayer) -> torch.Tensor:
-        """The float32 weight the layer would hold after merging (``W0 + dW``)."""
-        weight = layer.weight_for_merge
-        return weight.detach().float() + self.delta_weight(layer).to(weight.device)
-
     def merge_into(self, layer: DeltaLayer, safe: bool = True) -> None:
         weight = layer.weight_for_merge
         merged = self.merged_weight(layer)

@@ -20,7 +20,12 @@ attributes and calls these methods, never a method's class name:
 * ``batch_kind``: the name under which ``deltatune.batching`` stacks this delta type for mixed-adapter batches
   (None: the batch runs the delta once per adapter on its rows, which is always exact);
 * file tensors: the delta's ``state_dict`` keys, under the layer's path, are its keys in the adapter file
-  (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix.
+  (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix;
+* ``shared_tensors() -> {file key: tensor}``: tensors one object of which all deltas of an adapter share (VeRA's
+  frozen random projections), keyed as in the file (a key in ``file_root_keys`` is written as it is, others get the
+  prefix). They are the same live tensors in every delta, so the adapter file holds each once; io saves them and
+  loads into them like the per-layer tensors. Keep them out of ``state_dict`` (non-persistent buffers of a shared
+  child module), or every layer would write its own copy.
 
 A delta gets what it needs as arguments (``x``, ``out``, ``layer``); the host's own state it may read is
 ``layer.weight_for_merge`` and ``layer.base_layer``, and ``layer.only_delta(self)``: whether ``out`` is the bare base
@@ -59,6 +64,10 @@ class Delta(nn.Module):
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter-level tensors this delta uses and shares with the adapter's other deltas, by file key (none)."""
+        return {}
 
     def dropout_p(self) -> float:
         """The dropout probability in effect now: the ``dropout`` module's p in training mode, else 0."""

@@ -125,8 +125,12 @@ def test_forward_is_the_formula_and_projections_are_shared_and_frozen():
         assert torch.allclose(host(x), by_hand, atol=1e-6)
         dw = torch.diag(lam_b) @ b[:12] @ torch.diag(lam_d) @ a[:, :7]
         assert torch.allclose(delta.delta_weight(host), dw, atol=1e-6)
-    # r may exceed the layer sizes (the paper's r = 1024 on 768-wide layers); LoRA would refuse it
+    # r may exceed the layer sizes (the paper's r = 1024 on 768-wide layers; LoRA would refuse it), within a bound
     assert deltas(dt.wrap(nn.Sequential(nn.Linear(6, 6)), dt.VeraConfig(r=64, targets=["0"])))[0][1].vera_lambda_d.numel() == 64
+    small = nn.Sequential(nn.Linear(6, 6))
+    with pytest.raises(dt.TargetError, match=r"use r <= 1024"):
+        dt.wrap(small, dt.VeraConfig(r=10**6, targets=["0"]))  # refused before the 48 GB pair is drawn
+    assert isinstance(small[0], nn.Linear) and all(p.requires_grad for p in small.parameters())
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])

@@ -108,6 +108,7 @@ class VeraConfig(LayerDeltaConfig):
             raise TargetError("VeRA needs at least one targeted Linear or Conv1D layer; check targets")
         features = [linear_features(host.base_layer) for host in hosts]
         in_max, out_max = max(f[0] for f in features), max(f[1] for f in features)
+        check_vera_rank(self.r, in_max, out_max)
         projections = VeraProjections(self.r, in_max, out_max, self.projection_prng_key, self.save_projection)
         for host, (in_features, out_features) in zip(hosts, features):
             fan_in_fan_out = layer_kind(host.base_layer) == "conv1d_t"
@@ -115,6 +116,19 @@ class VeraConfig(LayerDeltaConfig):
                 in_features, out_features, projections, self.dropout, self.d_initial, self.init, fan_in_fan_out
             )
             host.adapters[name] = delta.to(**_placement(host.base_layer))
+
+
+def check_vera_rank(r: int, in_max: int, out_max: int) -> None:
+    """Refuse, before allocating, an r above ``max(1024, 4 * largest layer size)``: r may exceed the layer sizes
+    (the paper uses up to 1.33x), but the shared pair costs ``r * (in_max + out_max)`` floats, so without a bound a
+    small file with save_projection=false could make the loader allocate gigabytes."""
+    limit = max(1024, 4 * max(in_max, out_max))
+    if r > limit:
+        megabytes = r * (in_max + out_max) * 4 / 2**20
+        raise TargetError(
+            f"VeRA r = {r} is far above the targeted layers' largest size {max(in_max, out_max)}: the shared "
+            f"projections would take {megabytes:,.0f} MB; use r <= {limit} (max(1024, 4 x the largest layer size))"
+        )
 
 
 def _placement(module: nn.Module) -> dict[str, Any]:

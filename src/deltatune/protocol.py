@@ -21,11 +21,11 @@ attributes and calls these methods, never a method's class name:
   (None: the batch runs the delta once per adapter on its rows, which is always exact);
 * file tensors: the delta's ``state_dict`` keys, under the layer's path, are its keys in the adapter file
   (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix;
-* ``shared_tensors() -> {file key: tensor}``: tensors one object of which all deltas of an adapter share (VeRA's
-  frozen random projections), keyed as in the file (a key in ``file_root_keys`` is written as it is, others get the
-  prefix). They are the same live tensors in every delta, so the adapter file holds each once; io saves them and
-  loads into them like the per-layer tensors. Keep them out of ``state_dict`` (non-persistent buffers of a shared
-  child module), or every layer would write its own copy.
+* ``shared_tensors() -> {file key: tensor}``: adapter-level tensors that all deltas of one adapter use, one object
+  for all of them (VeRA's frozen random projections), keyed as in the file (a key in ``file_root_keys`` is written
+  as it is, others get the prefix). Every delta returns the same live tensors under the same keys, so the file holds
+  each once; io saves them and loads into them like per-layer tensors. Keep them out of the delta's ``state_dict``
+  (e.g. non-persistent buffers of a child module all the deltas share), or each layer would save its own copy.
 
 A delta gets what it needs as arguments (``x``, ``out``, ``layer``); the host's own state it may read is
 ``layer.weight_for_merge`` and ``layer.base_layer``, and ``layer.only_delta(self)``: whether ``out`` is the bare base

@@ -69,7 +69,9 @@ class DeltaConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` for values that cannot work."""
         for f in dataclasses.fields(self):
-            if f.name != "extra":  # unknown keys read from a file are ignored, never used
+            # unknown keys read from a file are ignored, never used; a field with metadata {"unbounded": True} is not
+            # a size (a seed such as VeRA's projection_prng_key) and is checked by its class instead
+            if f.name != "extra" and not f.metadata.get("unbounded", False):
                 check_bounded(f.name, getattr(self, f.name))
         for name in ("targets", "exclude"):
             value = getattr(self, name)

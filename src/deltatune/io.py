@@ -45,9 +45,9 @@ def adapter_tensors(model: DeltaModel, name: str) -> dict[str, torch.Tensor]:
         if hasattr(type(host), "file_tensors"):  # model-level adapters (prompts, prefixes): keys chosen by the host
             if name in host.adapters:
                 tensors.update(host.file_tensors(name))
-        elif isinstance(host, DeltaLayer) and name in host.adapters:
-            for key, tensor in host.adapters[name].state_dict(keep_vars=True).items():
-                tensors[f"{path}.{key}"] = tensor
+        elif isinstance(host, DeltaLayer) and name in host.adapters:  # its state dict, then adapter-level tensors
+            tensors.update({f"{path}.{k}": t for k, t in host.adapters[name].state_dict(keep_vars=True).items()})
+            tensors.update(host.adapters[name].shared_tensors())  # shared by all its deltas: one key, one tensor
         elif isinstance(host, TrainableCopies) and name in host.copies:
             for key, tensor in host.copies[name].state_dict(keep_vars=True).items():
                 tensors[f"{path}.{key}"] = tensor

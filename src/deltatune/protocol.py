@@ -24,7 +24,12 @@ attributes and calls these methods, never a method's class name:
 * ``restartable`` / ``restart()``: ReLoRA merges ``delta_weight`` into the base, then ``restart()`` re-initialises the
   delta so that its ``delta_weight`` is zero again;
 * file tensors: the delta's ``state_dict`` keys, under the layer's path, are its keys in the adapter file
-  (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix.
+  (``...query.lora_A.weight``); ``DeltaConfig.file_prefix`` / ``file_root_keys`` adjust the prefix;
+* ``shared_tensors() -> {file key: tensor}``: adapter-level tensors that all deltas of one adapter use, one object
+  for all of them (VeRA's frozen random projections), keyed as in the file (a key in ``file_root_keys`` is written
+  as it is, others get the prefix). Every delta returns the same live tensors under the same keys, so the file holds
+  each once; io saves them and loads into them like per-layer tensors. Keep them out of the delta's ``state_dict``
+  (e.g. non-persistent buffers of a child module all the deltas share), or each layer would save its own copy.
 
 A delta gets what it needs as arguments (``x``, ``out``, ``layer``); the host's own state it may read is
 ``layer.weight_for_merge`` and ``layer.base_layer``, and ``layer.only_delta(self)``: whether ``out`` is the bare base
@@ -75,6 +80,10 @@ class Delta(nn.Module):
 
     def restart(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot restart")
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter-level tensors this delta uses and shares with the adapter's other deltas, by file key (none)."""
+        return {}
 
     def dropout_p(self) -> float:
         """The dropout probability in effect now: the ``dropout`` module's p in training mode, else 0."""

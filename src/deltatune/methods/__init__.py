@@ -15,6 +15,7 @@ from .lora import LoraConfig
 from .mora import MoraConfig
 from .prefix import PrefixTuningConfig, PTuningV2Config
 from .prompt import PromptTuningConfig, PTuningConfig
+from .vera import VeraConfig
 
 METHODS: dict[str, type[DeltaConfig]] = {
     "lora": LoraConfig,
@@ -22,6 +23,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
     "asylora": AsyLoraConfig,
     "mora": MoraConfig,
     "ia3": IA3Config,
+    "vera": VeraConfig,
     "houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig,
     "prompt": PromptTuningConfig, "ptuning": PTuningConfig, "prefix": PrefixTuningConfig, "ptuning-v2": PTuningV2Config,
 }
@@ -42,4 +44,4 @@ def config_from_peft_dict(data: Any) -> DeltaConfig:
     raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
 
 
-__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "IA3Config", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig"]
+__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "IA3Config", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig", "VeraConfig"]

@@ -27,6 +27,7 @@ CASES = {
     "dora": lambda: dt.DoraConfig(r=4, alpha=8, targets=["q_proj", "down_proj"]),
     "mora": lambda: dt.MoraConfig(r=4, targets=["q_proj", "o_proj"]),
     "asylora": lambda: dt.AsyLoraConfig(r=4, targets=["k_proj"]),
+    "ia3": lambda: dt.IA3Config(targets=["k_proj", "down_proj"], feedforward=["down_proj"]),
 }
 
 
@@ -47,15 +48,25 @@ def test_merged_checkpoint_equals_merge_and_unload(case: str, tmp_path) -> None:
         assert torch.equal(value, before[key])
 
 
-def test_gpt2_conv1d_weights_are_merged_in_their_own_layout(tmp_path) -> None:
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_gpt2_conv1d_weights_and_biases_are_merged_in_their_own_layout(method: str, tmp_path) -> None:
+    """GPT-2's Conv1D stores [in, out]; IA3 on c_attn scales the bias too (its output side)."""
     torch.manual_seed(0)
     base = tiny_gpt2()
-    directory = _trained(base, dt.LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]), tmp_path)
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_()
+    config = (dt.LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"]) if method == "lora"
+              else dt.IA3Config(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]))
+    directory = _trained(base, config, tmp_path)
     merged = dt.merge_checkpoint(base.state_dict(), directory)
     expected = dt.load(copy.deepcopy(base), directory).merge_and_unload().state_dict()
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=1e-6)
     assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], base.state_dict()["transformer.h.0.attn.c_attn.weight"])
+    bias_changed = not torch.equal(merged["transformer.h.0.attn.c_attn.bias"], base.state_dict()["transformer.h.0.attn.c_attn.bias"])
+    assert bias_changed == (method == "ia3")
 
 
 def test_refuses_unmergeable_adapters_and_wrong_bases(tmp_path) -> None:
@@ -65,6 +76,9 @@ def test_refuses_unmergeable_adapters_and_wrong_bases(tmp_path) -> None:
     with pytest.raises(dt.MergeError, match="not a weight update"):
         dt.merge_checkpoint(base.state_dict(), prompt)
     lora = _trained(base, dt.LoraConfig(r=2, targets=["q_proj"]), tmp_path / "l")
+    vera = _trained(base, dt.VeraConfig(r=4, targets=["q_proj"]), tmp_path / "v")
+    with pytest.raises(dt.MergeError, match="shared by all its layers"):
+        dt.merge_checkpoint(base.state_dict(), vera)
     other = {k.replace("layers.", "blocks."): v for k, v in base.state_dict().items()}
     with pytest.raises(dt.AdapterFileError, match="belongs to no layer"):
         dt.merge_checkpoint(other, lora)

@@ -1,10 +1,10 @@
 """Merge an adapter into a checkpoint without a model: state dict in, merged state dict out.
 
-``W' = W0 + dW`` for every layer the adapter targets, where ``dW`` is the method's own ``delta_weight`` (see
-``deltatune.protocol``): each delta is built from the adapter's config for a stand-in layer that holds the
-checkpoint's weight (no copy), filled with the file's tensors, and asked for ``dW`` in float32; the sum is cast
-back to the weight's dtype. This is what ``merge_and_unload`` computes, for every per-layer mergeable method,
-without instantiating the base model (handy for a 7B checkpoint on a small machine, one shard at a time).
+Every layer the adapter targets gets the method's own merge (``merge_into`` of the delta protocol): ``W' = W0 + dW``
+for the LoRA family, ``W0 * l`` and ``b * l`` for IA3, and so on. Each delta is built from the adapter's config for a
+stand-in layer holding a copy of the checkpoint's weight (and bias), filled with the file's tensors and merged into
+it. This is what ``merge_and_unload`` computes, for every per-layer mergeable method, without instantiating the base
+model (handy for a 7B checkpoint on a small machine, one shard at a time).
 """
 
 from __future__ import annotations
@@ -41,16 +41,25 @@ def merge_checkpoint(
     if getattr(config, "bias", "none") != "none":
         raise MergeError("the adapter trains base biases (bias != 'none'); merge it with load(...).merge_and_unload()")
     tensors = read_tensors(directory, prefix=getattr(config, "file_prefix", PREFIX))
+    shared = sorted(set(tensors) & set(getattr(config, "file_root_keys", ())))
+    if shared:
+        raise MergeError(
+            f"the adapter has adapter-level tensors shared by all its layers ({', '.join(shared)}); merging one layer "
+            f"at a time cannot build them: use dt.load(base, adapter).merge_and_unload()"
+        )
     if fan_in_fan_out is None:  # the config detects it per layer type; the file records it for PEFT
         raw = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
         fan_in_fan_out = bool(raw.get("fan_in_fan_out", False))
     transposed = fan_in_fan_out
     merged = dict(state_dict)
     for path, layer_tensors in _by_layer(state_dict, tensors, directory).items():
-        weight = state_dict[f"{path}.weight"]
-        delta, host = _filled_delta(config, path, weight, layer_tensors, transposed, directory)
+        bias = state_dict.get(f"{path}.bias")
+        delta, host = _filled_delta(config, path, state_dict[f"{path}.weight"], bias, layer_tensors, transposed, directory)
         with torch.no_grad():
-            merged[f"{path}.weight"] = (weight.float() + delta.delta_weight(host).to(weight.device)).to(weight.dtype)
+            delta.merge_into(host, safe=True)
+        merged[f"{path}.weight"] = host.base_layer.weight.detach()
+        if bias is not None:
+            merged[f"{path}.bias"] = host.base_layer.bias.detach()
     return merged
 
 
@@ -93,14 +102,23 @@ def _conv1d(in_features: int, out_features: int) -> nn.Module:
 
 
 def _filled_delta(
-    config: DeltaConfig, path: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor], transposed: bool,
-    directory: Path,
+    config: DeltaConfig, path: str, weight: torch.Tensor, bias: torch.Tensor | None, tensors: dict[str, torch.Tensor],
+    transposed: bool, directory: Path,
 ) -> tuple[nn.Module, DeltaLayer]:
-    """The delta of ``path`` built for the first stand-in whose tensor names and shapes the file fills exactly."""
+    """The delta of ``path`` built for the first stand-in (holding copies of ``weight`` and ``bias``) whose tensor
+    names and shapes the file fills exactly."""
     loading = config_for_loading(config)
     for module in _stand_ins(weight, transposed):
-        module.weight = nn.Parameter(weight, requires_grad=False)
-        delta = loading.create_delta(module, path)
+        module.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        if bias is not None and not isinstance(module, nn.Embedding):
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        try:
+            delta = loading.create_delta(module, path)
+        except NotImplementedError:
+            raise MergeError(
+                f"{config.method} builds its deltas for all layers together; merging one layer at a time cannot: "
+                f"use dt.load(base, adapter).merge_and_unload()"
+            ) from None
         own = delta.state_dict()
         if own.keys() == tensors.keys() and all(own[k].shape == tensors[k].shape for k in own):
             delta.to(device=weight.device, dtype=torch.float32).load_state_dict(tensors)

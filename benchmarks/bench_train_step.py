@@ -7,7 +7,7 @@ mode, loss = mean square of the last hidden state) on a fixed batch of random to
 Every (model, variant) runs in its own fresh process; rounds alternate the order (A B C .. C B A ..) so slow
 phases of a shared machine hit every variant alike. Per process: median of ``--steps`` timed steps after
 ``--warmup`` warm-up steps, peak RSS (``ru_maxrss``), RSS after building the model, bytes of tensors saved for
-backward in one step (distinct storages, read from the graph: ``deltatune.ops.saved_bytes``), minor page faults per
+backward in one step (distinct storages, read from the graph: ``benchmarks/saved_bytes.py``), minor page faults per
 timed step (fresh pages the allocator maps: they cost kernel time and cold cache lines) and the 1-minute load
 average before and after. Time is wall-clock and process CPU time per step (CPU time is far less sensitive to
 other jobs on a shared machine; with the default 1 thread it is the work done). Reported: median over rounds. Results: benchmarks/results/bench_train_step.json.
@@ -126,7 +126,7 @@ def make_step(model, params, batch: int, seq: int):
 
 def saved_for_backward_mb(step) -> float:
     """MB of distinct storages the step's graph keeps for backward (read from the graph after the forward)."""
-    from deltatune.ops.saved_bytes import saved_tensor_bytes
+    from saved_bytes import saved_tensor_bytes  # benchmarks/saved_bytes.py, beside this script
 
     found: list[int] = []
     step(after_forward=lambda loss: found.append(saved_tensor_bytes(loss)))

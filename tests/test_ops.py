@@ -438,3 +438,21 @@ def test_backward_twice_with_retain_graph(method: str) -> None:
     second = torch.autograd.grad(y, tensors, upstream)
     for got, want in zip(second, first):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_untested_torch_releases_skip_the_private_api_paths(monkeypatch, mlp) -> None:
+    """On a torch the internals were not checked against, the kernels decline and the plain formulas run."""
+    from deltatune.ops import compat, recompute
+
+    assert compat.private_api_ok("2.13.0+cpu") and not compat.private_api_ok("2.14.0") and not compat.private_api_ok("x")
+    model = dt.wrap(mlp, dt.LoraConfig(r=2, targets=["fc1"], init="random"))
+    layer = next(m for m in model.modules() if type(m).__name__ == "DeltaLayer")
+    delta = next(iter(layer.adapters.values()))
+    x = torch.randn(3, 16, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(0))
+    before = model(ids)
+    assert lora_fused(delta, x, layer) is not None and recompute.plan(torch.nn.functional.gelu(x)) is not None
+    monkeypatch.setattr(compat, "PRIVATE_API_OK", False)
+    assert lora_fused(delta, x, layer) is None
+    assert recompute.plan(torch.nn.functional.gelu(x)) is None
+    torch.testing.assert_close(model(ids), before, **TOL)

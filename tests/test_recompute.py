@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 import deltatune as dt
 from deltatune.ops import keep_mask, lora_linear, lora_linear_reference, recompute
 from deltatune.ops.dora import dora_linear, dora_linear_reference
-from deltatune.ops.saved_bytes import saved_tensor_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from saved_bytes import saved_tensor_bytes  # noqa: E402  (a measurement helper of the benchmarks)
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PRODUCERS = {

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import lora_chunked, recompute
+from . import compat, lora_chunked, recompute
 from .dropout import draw_keep, new_stream, seeded, unpack_keep
 
 
@@ -214,6 +214,8 @@ def fusable_base(base: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     """
     from torch.nn.modules import module as module_state
 
+    if not compat.PRIVATE_API_OK:  # the global hook registries below are private: untested torch, plain path
+        return None
     if base._forward_hooks or base._forward_pre_hooks or module_state._global_forward_hooks \
             or module_state._global_forward_pre_hooks or torch.is_autocast_enabled():
         return None

@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import compat
+
 Rebuild = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]
 
 
@@ -46,7 +48,7 @@ def _hooks_active() -> bool:
 
 def plan(x: torch.Tensor) -> Rebuild | None:
     """``(op, inputs)`` with ``op(*inputs)`` equal to x, the inputs already kept by x's producer; else None."""
-    if torch.compiler.is_compiling() or _hooks_active():
+    if not compat.PRIVATE_API_OK or torch.compiler.is_compiling() or _hooks_active():
         return None
     node = x.grad_fn
     if node is None or x._base is not None or x._version != 0:

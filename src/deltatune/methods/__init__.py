@@ -12,6 +12,7 @@ from .asylora import AsyLoraConfig
 from .dora import DoraConfig
 from .lora import LoraConfig
 from .mora import MoraConfig
+from .oft import OFTConfig
 from .prefix import PrefixTuningConfig, PTuningV2Config
 from .prompt import PromptTuningConfig, PTuningConfig
 
@@ -20,6 +21,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
     "dora": DoraConfig,
     "asylora": AsyLoraConfig,
     "mora": MoraConfig,
+    "oft": OFTConfig,
     "houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig,
     "prompt": PromptTuningConfig, "ptuning": PTuningConfig, "prefix": PrefixTuningConfig, "ptuning-v2": PTuningV2Config,
 }
@@ -40,4 +42,4 @@ def config_from_peft_dict(data: Any) -> DeltaConfig:
     raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
 
 
-__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig"]
+__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig", "OFTConfig"]

@@ -271,3 +271,32 @@ def test_cli_trains_oft_with_its_options(tmp_path, tiny_model):
     tensors = load_file(out / "adapter_model.safetensors")
     rotations = {k: v for k, v in tensors.items() if k.endswith("oft_R.weight")}
     assert len(rotations) == 4 and all(v.shape == (4, 28) and v.abs().max() > 0 for v in rotations.values())
+
+
+def test_two_active_adapters_rotate_in_active_order_as_peft(tmp_path):
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(target_modules=LLAMA_TARGETS, oft_block_size=8))
+    theirs.add_adapter("b", peft.OFTConfig(target_modules=["q_proj"], r=2, oft_block_size=0, use_cayley_neumann=False))
+    perturb_peft(theirs)
+    theirs.save_pretrained(tmp_path)
+    theirs.base_model.set_adapter(["default", "b"])
+    model = dt.load(copy.deepcopy(base), tmp_path)
+    model.load_adapter(tmp_path / "b", "b")
+    model.set_adapter(["default", "b"])
+    expected = logits(theirs)
+    assert relative(logits(model), expected) <= 1e-5
+    model.set_adapter(["b", "default"])  # rotations do not commute: the order matters
+    assert relative(logits(model), expected) > 1e-4
+
+
+def test_old_neumann_files_warn_and_oft_only_bias_is_accepted():
+    data = dt.OFTConfig(targets=["q_proj"]).to_peft_dict()
+    assert data["peft_version"] == "0.18.0"
+    with pytest.warns(UserWarning, match="before PEFT 0.18.0"):
+        dt.OFTConfig.from_peft_dict({**data, "peft_version": "0.17.1"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dt.OFTConfig.from_peft_dict({**data, "peft_version": "0.17.1", "use_cayley_neumann": False})
+        dt.OFTConfig.from_peft_dict(data)
+    config = dt.OFTConfig(bias="oft_only")
+    assert config.bias == "lora_only" and config.to_peft_dict()["bias"] == "oft_only"

@@ -153,6 +153,26 @@ def test_merge_unmerge_and_merge_and_unload_are_exact():
     assert relative(logits(plain), expected) <= 1e-5
 
 
+@pytest.mark.parametrize("order", [["default", "b", "c"], ["c", "b", "default"], ["b", "c", "default"]])
+def test_stacked_input_transforms_and_additive_deltas_merge_exactly(order):
+    """Two OFT rotations and a LoRA active together: merging reproduces the forward W0 R_2 R_1 x + dW x whatever the
+    active order (input transforms merge in reverse active order first, then the additive deltas)."""
+    torch.manual_seed(0)
+    model = ours(tiny_llama(), oft_block_size=8)
+    model.add_adapter("b", dt.OFTConfig(targets=LLAMA_TARGETS, r=4, oft_block_size=0, init="random",
+                                        use_cayley_neumann=False))
+    model.add_adapter("c", dt.LoraConfig(r=4, targets=LLAMA_TARGETS, init="random"))
+    model.set_adapter(order)
+    originals = {k: v.clone() for k, v in model.model.state_dict().items() if "base_layer" not in k}
+    expected = logits(model)
+    model.merge()
+    assert relative(logits(model), expected) <= 1e-5
+    model.unmerge()
+    now = model.model.state_dict()
+    for name, tensor in originals.items():
+        assert torch.allclose(now[name], tensor, atol=1e-5, rtol=0), name
+
+
 def test_mixed_adapter_batch_rows_equal_single_runs():
     model = ours(tiny_llama(), oft_block_size=8)
     model.add_adapter("b", dt.OFTConfig(targets=["q_proj", "o_proj"], r=2, oft_block_size=0, init="random",

@@ -21,8 +21,7 @@ def merge_adapters(model: Any, names: list[str], safe: bool, skip_unmergeable: b
         (path, host, name)
         for path, host in model.hosts()
         if isinstance(host, DeltaLayer)
-        for name in names
-        if name in host.adapters and name not in host.merged
+        for name in merge_order(host, [n for n in names if n in host.adapters and n not in host.merged])
     ]
     if safe:  # check every layer before writing any
         for path, host, name in work:
@@ -38,6 +37,16 @@ def merge_adapters(model: Any, names: list[str], safe: bool, skip_unmergeable: b
             host.unmerge_last()
         raise
     return blocked
+
+
+def merge_order(host: DeltaLayer, names: list[str]) -> list[str]:
+    """The order that reproduces the forward (``y = W0 T_k..T_1 x + dW x``, see ``deltatune.protocol``): input
+    transforms in reverse active order first (``W0 -> W0 T_k -> W0 T_k T_(k-1) ...``), then the other deltas in
+    active order. Unmerging pops them in reverse."""
+    order = {name: i for i, name in enumerate(host.active)}
+    names = sorted(names, key=lambda n: order.get(n, len(order)))
+    inputs = [n for n in names if host.adapters[n].transforms_input]
+    return inputs[::-1] + [n for n in names if n not in inputs]
 
 
 def unmergeable(model: Any, names: list[str], skip_unmergeable: bool) -> list[str]:

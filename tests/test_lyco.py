@@ -288,3 +288,16 @@ def test_cli_options_build_the_config_and_a_tiny_run_trains(tmp_path, tiny_model
         recorded = json.loads((out / "run.json").read_text())["results"]["test"]
         assert metrics["accuracy"] == recorded["accuracy"] and metrics["loss"] == pytest.approx(recorded["loss"], abs=1e-6)
         assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == method.upper()
+
+
+@pytest.mark.parametrize("method,kwargs", [("loha", dict(r=2)), ("lokr", dict(r=1, decompose_both=True)), ("lokr", dict(r=8))])
+def test_merge_checkpoint_equals_merge_and_unload(tmp_path, method, kwargs):
+    for name, (base, targets) in {"llama": (tiny_llama(), LLAMA_TARGETS), "convs": (Convs(), ["c1", "c3", "d1"])}.items():
+        model = dt.wrap(copy.deepcopy(base), OUR_CONFIGS[method](targets=targets, init="random", **kwargs))
+        model.save(tmp_path / name)
+        merged = dt.merge_checkpoint(base.state_dict(), tmp_path / name)
+        expected = dt.load(copy.deepcopy(base), tmp_path / name).merge_and_unload().state_dict()
+        assert merged.keys() == expected.keys()
+        assert any(not torch.equal(merged[k], base.state_dict()[k]) for k in merged)
+        for key in merged:
+            torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=1e-6)

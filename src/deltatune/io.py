@@ -229,6 +229,8 @@ def _check_sizes(config: DeltaConfig, tensors: dict[str, torch.Tensor], director
     as a dimension of some tensor in the file, so a config cannot make the loader allocate more than the file holds."""
     largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
     for name in SIZE_FIELDS:
+        if name == "r" and not getattr(config, "rank_is_tensor_dim", True):  # see LayerDeltaConfig
+            continue
         value = getattr(config, name, None)
         values = [value, *(getattr(config, "rank_pattern", None) or {}).values()] if name == "r" else [value]
         for size in values:

@@ -12,6 +12,7 @@ from .asylora import AsyLoraConfig
 from .dora import DoraConfig
 from .ia3 import IA3Config
 from .lora import LoraConfig
+from .lyco import LoHaConfig, LoKrConfig
 from .mora import MoraConfig
 from .oft import OFTConfig
 from .prefix import PrefixTuningConfig, PTuningV2Config
@@ -26,6 +27,7 @@ METHODS: dict[str, type[DeltaConfig]] = {
     "ia3": IA3Config,
     "vera": VeraConfig,
     "oft": OFTConfig,
+    "loha": LoHaConfig, "lokr": LoKrConfig,
     "houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig,
     "prompt": PromptTuningConfig, "ptuning": PTuningConfig, "prefix": PrefixTuningConfig, "ptuning-v2": PTuningV2Config,
 }
@@ -46,4 +48,4 @@ def config_from_peft_dict(data: Any) -> DeltaConfig:
     raise ConfigError(f"peft_type {peft_type!r} is not supported by deltatune; supported: {', '.join(known)}")
 
 
-__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "IA3Config", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig", "VeraConfig", "OFTConfig"]
+__all__ = ["config_from_peft_dict", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "PTuningV2Config", "AdapterConfig", "AsyLoraConfig", "DoraConfig", "MoraConfig", "IA3Config", "HoulsbyConfig", "PfeifferConfig", "METHODS", "LoraConfig", "VeraConfig", "OFTConfig", "LoHaConfig", "LoKrConfig"]

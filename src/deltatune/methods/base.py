@@ -24,11 +24,16 @@ class LayerDeltaConfig(DeltaConfig):
     """A method that adds a delta module to each targeted layer (LoRA and its family).
 
     bias: "none" | "all" (every bias in the model trains and is saved) | "lora_only" (biases of targeted layers).
+    rank_is_tensor_dim: whether ``r`` is a dimension the delta's tensors are allocated with, so an r above the
+      layer's size is refused before allocating (``check_rank``) and a file's r must appear among its tensors' dims
+      (``deltatune.io``). False for a method whose tensors are bounded by the layer's size whatever r is (LoKr: r only
+      chooses between full and factored matrices, and a large r is its "full matrix" mode).
     """
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d_t", "embedding", "conv")
     per_layer: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
+    rank_is_tensor_dim: ClassVar[bool] = True
 
     bias: str = "none"
 
@@ -104,7 +109,7 @@ def check_rank(config: DeltaConfig, module: nn.Module, path: str) -> None:
     """Refuse, before allocating, a rank above the layer's largest dimension: ``B A`` has rank <= min(in, out), so
     such an r only adds memory (r = 10**6 on a 384-wide layer would allocate gigabytes)."""
     r = getattr(config, "r", None)
-    if not isinstance(r, int):
+    if not isinstance(r, int) or not getattr(config, "rank_is_tensor_dim", True):
         return
     r = pattern_value(getattr(config, "rank_pattern", None) or {}, path, r)
     kind = layer_kind(module)

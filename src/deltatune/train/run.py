@@ -365,8 +365,8 @@ def _run_training(
     counts = count(model)
     info = {"base_model": model_path, "task": data.task, "labels": data.labels, "quantize": settings.quantize}
     dist.prepare(model)
-    if dist.record() is not None:
-        record["distributed"] = dist.record()
+    if (processes := dist.record()) is not None:
+        record["distributed"] = processes
     trainer = Trainer(model, trainer_settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, pad_id,
                       data.num_classes, lr, on_best=lambda m: dist.save_trained(m, run_dir, method, info), on_step=on_step, dist=dist,
                       head_params=trainable_head_params(model, heads))

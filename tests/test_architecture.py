@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # (layer, module-name prefixes); a module belongs to the first entry with a matching prefix (exact name or a
 # package prefix ending in ".")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("deltatune.errors", "deltatune.quiet", "deltatune.atomic", "deltatune.merging", "deltatune.protocol", "deltatune.config", "deltatune.layers",
+    ("core", ("deltatune.errors", "deltatune.dtypes", "deltatune.quiet", "deltatune.atomic", "deltatune.merging", "deltatune.protocol", "deltatune.config", "deltatune.layers",
               "deltatune.targets", "deltatune.model", "deltatune.kvcache")),
     ("methods", ("deltatune.methods", "deltatune.methods.")),
     ("extensions", ("deltatune.io", "deltatune.quant", "deltatune.ops", "deltatune.ops.", "deltatune.kernels",

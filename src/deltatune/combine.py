@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import check_positive_int
+from .dtypes import work_dtype
 from .errors import ConfigError, MergeError
 from .layers import DeltaLayer, TrainableCopies, layer_kind
 from .methods.base import pattern_value
@@ -102,8 +104,8 @@ def check_request(
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
     if bad:
         raise ConfigError(f"weights must be finite numbers, got {bad}")
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ConfigError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
+    if svd_rank is not None:
+        check_positive_int("svd_rank (or None)", svd_rank)
     if svd_rank is not None and combination_type == "cat":
         raise ConfigError("svd_rank does not apply to 'cat' (its rank is the sum of the input ranks); use 'svd' to compress")
     reasons = [r for r in (_refusal(model, a) for a in adapters) if r]
@@ -149,7 +151,7 @@ def _layer_result(
     """``(B, A, relative error, ||T||_F^2)`` for one layer."""
     kind = layer_kind(host)
     probe = next(iter(host.adapters[members[0][0]].parameters()))
-    dtype = torch.float64 if probe.dtype == torch.float64 else torch.float32
+    dtype = work_dtype(probe.dtype)
     if request["combination_type"] == "cat":
         b, a = _cat_factors(host, members, dtype)
         return b, a, 0.0, float((b.double() @ a.double()).square().sum())

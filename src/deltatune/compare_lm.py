@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .config import check_positive_int
 from .errors import ConfigError, DeltatuneError
 from .train.artifacts import atomic_write
 from .train.batching import encode_causal_lm
@@ -56,8 +57,7 @@ class LmOptions:
     def __post_init__(self) -> None:
         if self.em_rows < 0 or self.forgetting_rows < 1 or self.samples < 0:
             raise ConfigError("--em-rows and --samples must be >= 0, --forgetting-rows >= 1")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check_positive_int("--max-new-tokens", self.max_new_tokens)
         compile_answer_regex(self.answer_regex)
         if self.forgetting_data is not None and not Path(self.forgetting_data).is_dir():
             raise ConfigError(f"--forgetting-data {self.forgetting_data} is not a folder; pass a data folder of text "

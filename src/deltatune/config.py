@@ -170,9 +170,16 @@ def check_bounded(name: str, value: Any, depth: int = 0) -> None:
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """``ConfigError`` unless ``value`` is a finite number (not a bool) > 0, or >= 0 with ``allow_zero``."""
     if (
         isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
         or (value == 0 and not allow_zero)
     ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """``ConfigError`` unless ``value`` is an int (not a bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import DeltaConfig
+from .config import DeltaConfig, check_positive_int
+from .dtypes import work_dtype
 from .errors import AdapterFileError, ConfigError
 from .layers import DeltaLayer, TrainableCopies
 from .methods import config_from_peft_dict
@@ -71,8 +72,7 @@ def prepare_for_hotswap(model: DeltaModel, max_rank: int, names: list[str] | Non
 
     Call it before ``torch.compile``: it changes parameter shapes, which a compiled graph would recompile for.
     """
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
-        raise ConfigError(f"max_rank must be a positive integer, got {max_rank!r}")
+    check_positive_int("max_rank", max_rank)
     if names is None:  # every adapter whose deltas are all s B A (LoRA, rsLoRA, AsyLoRA; not DoRA, MoRA, prompts)
         deltas = [(n, d) for _, h in model.hosts() if isinstance(h, DeltaLayer) for n, d in h.adapters.items()]
         names = [n for n in model.configs if any(a == n for a, _ in deltas) and hasattr(model.configs[n], "rank_pattern")
@@ -154,7 +154,7 @@ def _plan(
 
 
 def _padded(value: torch.Tensor, shape: Any, dim: int, scale: float) -> torch.Tensor:
-    out = torch.zeros(tuple(shape), dtype=torch.float64 if value.dtype == torch.float64 else torch.float32)
+    out = torch.zeros(tuple(shape), dtype=work_dtype(value.dtype))
     out.narrow(dim, 0, value.shape[dim]).copy_(value.to(out.dtype) * scale)
     return out
 

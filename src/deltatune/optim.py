@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import check_positive
 from .errors import ConfigError
 from .layers import DeltaLayer
 
@@ -46,8 +47,8 @@ def loraplus_groups(
       1-d tensors get no weight decay. Unlike PEFT we do not give biases and norms ``ratio * lr``: the LoRA+
       argument concerns the output-side factor of a product, which a bias or a norm scale is not.
     """
-    if lr <= 0 or ratio <= 0:
-        raise ConfigError(f"lr and ratio must be > 0, got lr={lr}, ratio={ratio}")
+    check_positive("lr", lr)
+    check_positive("ratio", ratio)
     roles = lora_roles(model)
     groups: dict[str, dict[str, Any]] = {
         "lora_A": {"params": [], "lr": lr, "weight_decay": weight_decay},
@@ -129,8 +130,8 @@ class ReLoRA:
         reset: str = "prune",
         adapter: str | None = None,
     ) -> None:
-        if every <= 0 or warmup < 0:
-            raise ConfigError(f"every must be > 0 and warmup >= 0, got every={every}, warmup={warmup}")
+        check_positive("every", every)
+        check_positive("warmup", warmup, allow_zero=True)
         if not 0 <= prune <= 1 or reset not in ("prune", "full"):
             raise ConfigError(f"prune must be in [0, 1] and reset 'prune' or 'full', got {prune!r}, {reset!r}")
         self.model, self.optimizer = model, optimizer

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import DeltaConfig
+from ..dtypes import adapter_dtype
 from ..errors import ConfigError, MergeError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
 from ..protocol import Delta
@@ -61,9 +62,7 @@ class LayerDeltaConfig(DeltaConfig):
             delta = self.create_delta(host.base_layer, path)
             weight = getattr(host.base_layer, "weight", None)
             if weight is not None:
-                dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-                dtype = dtype if dtype.is_floating_point else torch.float32
-                delta.to(device=weight.device, dtype=dtype)
+                delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
             host.adapters[name] = delta
 
 

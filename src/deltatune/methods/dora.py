@@ -128,7 +128,7 @@ class DoraLinear(LoraLinear):
         xd = self.dropout(x.to(dtype))
         g = self.lora_magnitude_vector / self.weight_norm(layer).to(dtype)
         lora = self.lora_B(self.lora_A(xd) * self.scaling)  # scale the [tokens, r] intermediate, not [tokens, out]
-        dropped = self.training and isinstance(self.dropout, nn.Dropout)
+        dropped = self.dropout_p() > 0  # the protocol's rule (dropout modules are built only for p > 0)
         if not dropped and layer.only_delta(self):
             # out = W0 x + b  =>  y = g (W0 x + s B A x) + b = g (out + lora) + (1 - g) b
             bias = layer._parameters.get("bias")

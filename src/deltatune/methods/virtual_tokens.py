@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import DeltaConfig
+from ..dtypes import adapter_dtype
 from ..errors import ConfigError, TargetError
 from ..kvcache import pop_cache, put_cache
 from ..layers import AdapterHost, TrainableCopies
@@ -256,8 +257,7 @@ class VirtualTokenConfig(DeltaConfig):
         embeddings = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
         weight = getattr(embeddings, "weight", None)
         if weight is not None:
-            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-            module.to(device=weight.device, dtype=dtype)
+            module.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
         if config.modules_to_save is None:
             heads = default_heads(root)
             for path in heads:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import check_positive_int
 from ..errors import AdapterFileError, ConfigError, DeltatuneError
 from ..io import load
 from ..layers import BASE
@@ -26,8 +27,7 @@ class CompiledSlots:
     """Public adapter name -> slot of the compiled model; ``count`` slots of rank ``max_rank``."""
 
     def __init__(self, count: int, max_rank: int, backend: str = "inductor") -> None:
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-            raise ConfigError(f"--max-rank must be a positive integer, got {max_rank!r}")
+        check_positive_int("--max-rank", max_rank)
         self.count, self.max_rank, self.backend = count, max_rank, backend
         self.slots: dict[str, str] = {}  # adapter name -> slot name
         self.free: list[str] = []

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..batching.virtual import CAUSAL_SUFFIXES
+from ..config import check_positive_int
 from ..errors import AdapterFileError, ConfigError, DeltatuneError
 from ..io import CONFIG_NAME, WEIGHTS_NAME, load, read_config
 from ..layers import BASE
@@ -74,8 +75,7 @@ class AdapterRegistry:
     ) -> None:
         """``compiled``: serve from a ``torch.compile``'d base whose adapters are hot-swapped into fixed slots
         (``serve --compile``; see ``deltatune.serve.compiled``)."""
-        if max_loaded < 1:
-            raise ConfigError(f"max_loaded must be at least 1, got {max_loaded}")
+        check_positive_int("max_loaded", max_loaded)
         self.base = base
         self.model: DeltaModel | None = None
         self.allowed_dirs = [Path(d).expanduser().resolve() for d in allowed_dirs]

@@ -12,6 +12,8 @@
   gradient is exactly that of the global micro-batch mean (a rank with no rows runs one row with weight 0).
 - Checkpoints and adapter files hold full (gathered) tensors under the single-process names, written by rank 0
   only (atomic writes), so a run resumes with any number of processes, including one.
+- ``setup`` gives a ``Distributed`` under a launcher and a ``single.SingleProcess`` (the same interface, every
+  collective the identity) otherwise: the trainer and ``run_training`` never ask how many processes there are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import DeltaModel
 from .batching import IGNORE, Encoded
+from .single import SingleProcess
 
 
 def launched() -> bool:
@@ -100,6 +103,10 @@ class Distributed:
     def barrier(self) -> None:
         dist.barrier()
 
+    def record(self) -> dict[str, Any] | None:
+        """What ``run.json`` records about the processes."""
+        return {"world_size": self.world_size, "backend": self.backend, "shard": self.shard}
+
     # ---- model -------------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to this process's device, make every rank's trainable tensors equal to rank 0's, and
@@ -161,6 +168,10 @@ class Distributed:
             return indices[:1], 0.0
         return rows, self.world_size * loss_units(data, rows, task) / total
 
+    def loss_value(self, loss: torch.Tensor, weight: float) -> torch.Tensor:
+        """The global micro-batch's loss for the log: the ranks' weighted losses summed (collective)."""
+        return torch.tensor(self.all_sum([float(loss.detach() * weight / self.world_size)])[0])
+
     def all_sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
@@ -205,6 +216,13 @@ class Distributed:
                 if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(parameter.shape):
                     state["state"][pid][key] = like(parameter, value)
         optimizer.load_state_dict(state)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, torch.Tensor],
+                saved: dict[str, Any], check: Callable[[dict[str, Any]], None]) -> None:
+        """A checkpoint's trainable tensors, then its optimizer state (any world size). ``check`` (the one-process
+        parameter-group check) is not applied here: a mismatch fails in ``optimizer.load_state_dict``."""
+        self.restore_trainable(model, trainable)
+        self.load_optimizer_state(optimizer, saved)
 
     @contextlib.contextmanager
     def gathered(self, model: nn.Module) -> Iterator[None]:
@@ -317,11 +335,12 @@ def self_contained(unit: nn.Module, model: nn.Module) -> bool:
     return True
 
 
-def setup(shard: bool = False) -> Distributed | None:
-    """The process's ``Distributed`` when started by a multi-process launcher, else None (one process). The first
-    call creates the process group (gloo / NCCL); later calls, and a group the caller created, reuse it."""
+def setup(shard: bool = False) -> Distributed | SingleProcess:
+    """The process's ``Distributed`` when started by a multi-process launcher, else a ``SingleProcess`` (the same
+    interface). The first call creates the process group (gloo / NCCL); later calls, and a group the caller
+    created, reuse it."""
     if not launched():
         if shard:
             raise ConfigError("--shard needs several processes: add --nproc N, or launch with torchrun / accelerate launch")
-        return None
+        return SingleProcess()
     return Distributed(shard=shard)

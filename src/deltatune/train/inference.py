@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import check_positive_int
 from ..errors import AdapterFileError, ConfigError, MergeError
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config, save_adapter
 from ..model import DeltaModel
@@ -148,8 +149,8 @@ def run_eval(args: Any) -> dict[str, Any]:
     generate = bool(getattr(args, "generate", False))
     if generate and task != "causal-lm":
         raise ConfigError("--generate needs a causal LM and prompt/completion, messages or Alpaca data")
-    if generate and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if generate:
+        check_positive_int("--max-new-tokens", args.max_new_tokens)
     results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for split in [s for s in wanted if s in data.encoded]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model import DeltaModel
-from .artifacts import CHECKPOINT, artifact_size, atomic_write, restore_trainable, save_trained
+from .artifacts import CHECKPOINT, artifact_size, atomic_write
 from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
 from .health import head_lr, run_health
@@ -225,7 +225,7 @@ def run_training(
         return _run_training(settings, overwrite, on_step, dist, started)
     except BaseException as error:  # a run that stops anywhere after it was recorded is recorded as stopped
         record = started.get("record")
-        if record is not None and record.get("status") == "running" and (dist is None or dist.is_main):
+        if record is not None and record.get("status") == "running" and dist.is_main:
             stopped = isinstance(error, (KeyboardInterrupt, Interrupted))
             record.update(status="interrupted" if stopped else "failed", error=f"{type(error).__name__}: {error}")
             write_run(Path(settings.out), record)
@@ -249,8 +249,7 @@ def _prepare_folder(settings: RunSettings, run_dir: Path, overwrite: bool, dist:
     """Ready the (checked) run folder; returns the earlier record when this run resumes from its checkpoint."""
     previous = read_run(run_dir)
     resuming = previous if settings.resume and previous is not None and (run_dir / CHECKPOINT).is_file() else None
-    if dist is not None:
-        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_leftovers(run_dir)
@@ -336,7 +335,7 @@ def _run_training(
     from ..report import plot_run
     from .trainer import Trainer
 
-    main, run_dir = dist is None or dist.is_main, Path(settings.out)
+    main, run_dir = dist.is_main, Path(settings.out)
     quiet_transformers()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -365,20 +364,18 @@ def _run_training(
                                                   previous)
     counts = count(model)
     info = {"base_model": model_path, "task": data.task, "labels": data.labels, "quantize": settings.quantize}
-    if dist is not None:
-        dist.prepare(model)
-        record["distributed"] = {"world_size": dist.world_size, "backend": dist.backend, "shard": dist.shard}
-    save = dist.save_trained if dist is not None else save_trained
+    dist.prepare(model)
+    if (processes := dist.record()) is not None:
+        record["distributed"] = processes
     trainer = Trainer(model, trainer_settings, data.encoded["train"], data.encoded.get("dev"), run_dir, data.task, pad_id,
-                      data.num_classes, lr, on_best=lambda m: save(m, run_dir, method, info), on_step=on_step, dist=dist,
+                      data.num_classes, lr, on_best=lambda m: dist.save_trained(m, run_dir, method, info), on_step=on_step, dist=dist,
                       head_params=trainable_head_params(model, heads))
     torch.manual_seed(settings.seed + 1)  # dropout stream, independent of how the head was initialised
     began = time.time()
     summary = _fit(trainer, settings, record, run_dir, main)
     if trainer.best_state is not None:  # test metrics are those of the kept (best-dev) weights
-        (dist.restore_trainable if dist is not None else restore_trainable)(model, trainer.best_state)
-    eval_model = dist.eval_model if dist is not None else model
-    results = _results(trainer, summary, eval_model, data, settings, method, lr, counts, pad_id)
+        dist.restore_trainable(model, trainer.best_state)
+    results = _results(trainer, summary, dist.eval_model, data, settings, method, lr, counts, pad_id)
     for warning in results["warnings"] if main else []:
         print(f"deltatune: warning: {warning}", file=sys.stderr, flush=True)
     results.update(wall_time_s=time.time() - began, peak_rss_bytes=peak_rss_bytes(), adapter_bytes=artifact_size(run_dir))

@@ -9,7 +9,6 @@ LR at step t (0-based): ``lr * t/w`` during warmup ``w``, then ``lr * f(p)`` wit
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -19,15 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, DeltatuneError
-from .artifacts import CHECKPOINT, load_checkpoint, restore_trainable, save_checkpoint, trainable_state
+from .artifacts import CHECKPOINT, load_checkpoint, save_checkpoint
 from .batching import Encoded, collate, train_batches
 from .settings import RunSettings
+from .single import SingleProcess
 from .tasks import better, evaluate
 
 if TYPE_CHECKING:
@@ -121,15 +121,19 @@ class Trainer:
         lr: float,
         on_best: Callable[[nn.Module], None],
         on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
-        dist: Distributed | None = None,
+        dist: Distributed | SingleProcess | None = None,
         head_params: Iterable[nn.Parameter] = (),
     ) -> None:
-        """``dist``: this process of a multi-process run, ``model`` already passed through ``dist.prepare``;
-        ``head_params``: the task head's parameters (their own lr with ``settings.head_lr``)."""
+        """``dist``: how many processes train (``distributed.setup``), ``model`` already passed through
+        ``dist.prepare``; None: one process. ``head_params``: the task head's parameters (their own lr with
+        ``settings.head_lr``)."""
         self.model, self.settings, self.train_data, self.dev = model, settings, train, dev
-        self.dist = dist
-        self.forward_model = dist.forward_model if dist is not None else model
-        self.is_main = dist is None or dist.is_main
+        if dist is None:
+            dist = SingleProcess()
+            dist.prepare(model)
+        self.dist = dist  # every per-process difference goes through it (see single.py, distributed.py)
+        self.forward_model = dist.forward_model
+        self.is_main = dist.is_main
         self.run_dir, self.task, self.pad_id, self.num_classes = run_dir, task, pad_id, num_classes
         self.on_best, self.on_step = on_best, on_step
         self.metric = settings.metric or ("accuracy" if task == "classification" else "loss")
@@ -162,13 +166,10 @@ class Trainer:
         self._stop = True
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return self.dist.trainable_state(self.model) if self.dist else trainable_state(self.model)
-
     def state(self) -> dict[str, Any]:
         return {
-            "trainable": self._trainable_state(),
-            "optimizer": self.dist.optimizer_state(self.optimizer) if self.dist else self.optimizer.state_dict(),
+            "trainable": self.dist.trainable_state(self.model),
+            "optimizer": self.dist.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -189,12 +190,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         state = load_checkpoint(self.checkpoint_path)
-        if self.dist:
-            self.dist.restore_trainable(self.model, state["trainable"])
-            self.dist.load_optimizer_state(self.optimizer, state["optimizer"])
-        else:
-            self._load_optimizer(state["optimizer"])
-            restore_trainable(self.model, state["trainable"])
+        self.dist.restore(self.model, self.optimizer, state["trainable"], state["optimizer"], self._check_optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -205,9 +201,9 @@ class Trainer:
         self.train_time, self.tokens = state["train_time"], state["tokens"]
         self._rewrite_metrics()
 
-    def _load_optimizer(self, saved: dict[str, Any]) -> None:
-        """The checkpoint's optimizer state; one whose parameter groups differ (another --head-lr, --loraplus-ratio
-        or deltatune version) is refused in one line naming the fix, before anything changed."""
+    def _check_optimizer(self, saved: dict[str, Any]) -> None:
+        """Refuse the checkpoint's optimizer state when its parameter groups differ from this run's (another
+        --head-lr, --loraplus-ratio or deltatune version), in one line naming the fix, before anything changed."""
         groups, built = saved.get("param_groups", []), self.optimizer.param_groups
         if len(groups) != len(built) or any(len(g["params"]) != len(b["params"]) for g, b in zip(groups, built)):
             lrs = ", ".join(f"{g.get('initial_lr', g.get('lr')):g}" for g in groups)
@@ -216,7 +212,6 @@ class Trainer:
                 f"but this run builds {len(built)}: it was written with another --head-lr or --loraplus-ratio; resume "
                 f"with the --head-lr it was started with, or pass --overwrite to start over"
             )
-        self.optimizer.load_state_dict(saved)
 
     # ---- metrics -----------------------------------------------------------------------------------------------
     def _rewrite_metrics(self) -> None:
@@ -237,30 +232,19 @@ class Trainer:
         """Forward/backward over the micro-batches of ``group`` and one optimizer update; (loss, grad norm, tokens)."""
         total, tokens = 0.0, 0
         for number, indices in enumerate(group):
-            weight = 1.0
-            if self.dist:  # this rank's rows of the global micro-batch (see deltatune.train.distributed)
-                indices, weight = self.dist.local_rows(self.train_data, indices, self.task)
+            # this process's rows of the global micro-batch (see deltatune.train.distributed)
+            indices, weight = self.dist.local_rows(self.train_data, indices, self.task)
             batch = collate(self.train_data, indices, self.pad_id, self.task)
             tokens += int(batch["attention_mask"].sum()) if weight else 0
-            device = self.dist.device.type if self.dist else "cpu"
-            sync = self.dist.sync(number + 1 == len(group)) if self.dist else contextlib.nullcontext()
-            with sync:
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=self.settings.bf16):
-                    loss = self.forward_model(**(self.dist.to_device(batch) if self.dist else batch)).loss
-                value = loss.detach() * weight / self.dist.world_size if self.dist else loss.detach()
-                if self.dist:
-                    value = torch.tensor(self.dist.all_sum([float(value)])[0])
+            with self.dist.sync(number + 1 == len(group)):
+                with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16):
+                    loss = self.forward_model(**self.dist.to_device(batch)).loss
+                value = self.dist.loss_value(loss, weight)
                 if not torch.isfinite(value):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    kept = f"the last good checkpoint (step {self._saved_step}) is {self.checkpoint_path}" if self._saved_step is not None else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"loss became {value.item()} at step {self.step + 1}; training stopped and {kept}. "
-                        f"Lower --lr, set --max-grad-norm, or drop --bf16"
-                    )
+                    self._stop_non_finite(value)
                 (loss * weight / len(group)).backward()
             total += value.item() / len(group)
-        if self.dist:
-            tokens = int(self.dist.all_sum([tokens])[0])
+        tokens = int(self.dist.all_sum([tokens])[0])
         norm = None
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.settings.max_grad_norm:
@@ -271,20 +255,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, norm, tokens
 
+    def _stop_non_finite(self, value: torch.Tensor) -> NoReturn:
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = f"the last good checkpoint (step {self._saved_step}) is {self.checkpoint_path}" if self._saved_step is not None else "no checkpoint was written yet"
+        raise TrainingError(
+            f"loss became {value.item()} at step {self.step + 1}; training stopped and {kept}. "
+            f"Lower --lr, set --max-grad-norm, or drop --bf16"
+        )
+
     def _evaluate(self, epoch: float) -> dict[str, Any]:
         assert self.dev is not None
         result = evaluate(
-            self.dist.eval_model if self.dist else self.model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
+            self.dist.eval_model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
         )
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        if self.dist:
-            metrics = self.dist.from_main(metrics)  # identical decisions about the best weights on every rank
+        metrics = self.dist.from_main(metrics)  # identical decisions about the best weights on every rank
         self._log({"type": "eval", "split": "dev", "step": self.step, "epoch": round(epoch, 4), **metrics})
         if self.metric not in metrics:
             raise ConfigError(f"--metric {self.metric} is not computed for {self.task}; choose from {', '.join(metrics)}")
         if better(self.metric, metrics[self.metric], self.best):
             self.best, self.best_step = metrics[self.metric], self.step
-            self.best_state = self._trainable_state()
+            self.best_state = self.dist.trainable_state(self.model)
             self.on_best(self.model)
         return metrics
 
@@ -345,8 +336,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                     if self.on_step is not None:
                         self.on_step(self, row)
-                    if self.dist:  # a stop request on any rank stops every rank after this step
-                        self._stop = self.dist.all_sum([float(self._stop)])[0] > 0
+                    # a stop request on any rank stops every rank after this step
+                    self._stop = self.dist.all_sum([float(self._stop)])[0] > 0
                     finished = self.step >= self.total_steps
                     due = settings.eval_every and self.step % settings.eval_every == 0
                     evaluated = False

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import nn
 
 from ...config import check_positive
+from ...dtypes import adapter_dtype
 from ...errors import ConfigError, TargetError
 from ...layers import DeltaLayer, layer_kind, linear_features
 from ..base import LayerDeltaConfig
@@ -136,5 +136,4 @@ def _placement(module: nn.Module) -> dict[str, Any]:
     weight = getattr(module, "weight", None)
     if weight is None:
         return {}
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    return {"device": weight.device, "dtype": dtype if dtype.is_floating_point else torch.float32}
+    return {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}

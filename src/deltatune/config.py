@@ -179,6 +179,13 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be a number {bound}, got {value!r}")
 
 
+def check_probability(name: str, value: float) -> None:
+    """``ConfigError`` unless ``value`` is a number in [0, 1) (a dropout rate)."""
+    check_positive(name, value, allow_zero=True)
+    if value >= 1:
+        raise ConfigError(f"{name} must be < 1, got {value}")
+
+
 def check_positive_int(name: str, value: int) -> None:
     """``ConfigError`` unless ``value`` is an int (not a bool) >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

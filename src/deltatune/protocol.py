@@ -91,6 +91,11 @@ class Delta(nn.Module):
         return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
 
 
+def dropout_module(p: float) -> nn.Module:
+    """The dropout a delta applies to its input: ``nn.Dropout(p)``, or the identity for p = 0 (``dropout_p`` reads it)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 # ---- kernels: optional fast paths per delta type ------------------------------------------------------------------
 # A kernel computes exactly what the delta's forward computes (tests compare them); "fused" computes the whole layer
 # output base(x) + delta in one op and may return None to decline, "add" replaces ``forward(x, out, layer)``.

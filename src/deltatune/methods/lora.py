@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_positive
+from ..config import check_positive, check_positive_int, check_probability
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
+from ..protocol import dropout_module
 from .base import LayerDeltaConfig, MergeableDelta, pattern_value
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
@@ -65,12 +66,9 @@ class LoraConfig(LayerDeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         check_positive("alpha", self.alpha)
-        check_positive("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1:
-            raise ConfigError(f"dropout must be < 1, got {self.dropout}")
+        check_probability("dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"rslora must be true or false, got {self.rslora!r}")
         for name, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
@@ -172,7 +170,7 @@ class LoraLinear(MergeableDelta):
         super().__init__()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_module(dropout)
         self.scaling = scaling
         self.fan_in_fan_out = fan_in_fan_out
         init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
@@ -259,7 +257,7 @@ class LoraConv(MergeableDelta):
             bias=False, padding_mode=base.padding_mode,
         )
         self.lora_B = conv(r, base.out_channels, ones, ones, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_module(dropout)
         self.scaling = scaling
         init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 

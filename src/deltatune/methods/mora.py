@@ -27,9 +27,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import check_positive
+from ..config import check_positive_int, check_probability
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
+from ..protocol import dropout_module
 from .base import LayerDeltaConfig, MergeableDelta
 from .lora import pattern_value
 
@@ -66,13 +67,10 @@ class MoraConfig(LayerDeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         if self.mora_type is not None and self.mora_type not in MORA_TYPES:
             raise ConfigError(f"mora_type must be one of {MORA_TYPES} or None (auto), got {self.mora_type!r}")
-        check_positive("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1:
-            raise ConfigError(f"dropout must be < 1, got {self.dropout}")
+        check_probability("dropout", self.dropout)
         if self.init not in ("zeros", "random"):
             raise ConfigError(f"init must be 'zeros' (M = 0, the paper's init) or 'random' (tests), got {self.init!r}")
 
@@ -111,7 +109,7 @@ class MoraLinear(MergeableDelta):
         self.in_features, self.out_features, self.r_hat, self.mora_type = in_features, out_features, r_hat, mora_type
         self.fan_in_fan_out = fan_in_fan_out
         self.mora_M = nn.Linear(r_hat, r_hat, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_module(dropout)
         with torch.no_grad():
             if init == "zeros":
                 self.mora_M.weight.zero_()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_positive
+from ..config import check_probability
 from ..errors import ConfigError, TargetError
 from ..kvcache import cache_arg
 from .virtual_tokens import VirtualTokenConfig, model_dims
@@ -102,9 +102,7 @@ class PrefixTuningConfig(VirtualTokenConfig):
         super().validate()
         if self.init not in ("random", "zeros"):
             raise ConfigError(f"init must be 'random' or 'zeros', got {self.init!r}")
-        check_positive("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1:
-            raise ConfigError(f"dropout must be < 1, got {self.dropout}")
+        check_probability("dropout", self.dropout)
         if self.encoder_hidden_size is not None and (
             isinstance(self.encoder_hidden_size, bool) or not isinstance(self.encoder_hidden_size, int)
             or self.encoder_hidden_size <= 0

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import check_positive
+from ..config import check_positive_int, check_probability
 from ..errors import ConfigError
 from .virtual_tokens import VirtualTokenConfig, input_embeddings, model_dims
 
@@ -183,11 +183,8 @@ class PTuningConfig(VirtualTokenConfig):
             or self.encoder_hidden_size <= 0
         ):
             raise ConfigError(f"encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}")
-        if isinstance(self.encoder_num_layers, bool) or not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers <= 0:
-            raise ConfigError(f"encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}")
-        check_positive("encoder_dropout", self.encoder_dropout, allow_zero=True)
-        if self.encoder_dropout >= 1:
-            raise ConfigError(f"encoder_dropout must be < 1, got {self.encoder_dropout}")
+        check_positive_int("encoder_num_layers", self.encoder_num_layers)
+        check_probability("encoder_dropout", self.encoder_dropout)
 
     @classmethod
     def encode(cls, name: str, value: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ...config import check_positive
+from ...config import check_positive, check_positive_int
 from ...errors import ConfigError, TargetError
 from ...layers import layer_kind, linear_features
 from ..base import LayerDeltaConfig, pattern_value
@@ -61,8 +61,7 @@ class LycoConfig(LayerDeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         check_positive("alpha", self.alpha)
         for name in ("rank_dropout", "module_dropout"):
             value = getattr(self, name)

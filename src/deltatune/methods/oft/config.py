@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ...config import check_positive
+from ...config import check_positive, check_probability
 from ...errors import ConfigError, TargetError
 from ...layers import layer_kind, linear_features
 from ..base import LayerDeltaConfig
@@ -109,9 +109,7 @@ class OFTConfig(LayerDeltaConfig):
                 f"OFT needs exactly one of r (number of blocks) and oft_block_size set, the other 0 (got r={self.r}, "
                 f"oft_block_size={self.oft_block_size}); e.g. oft_block_size=32, or r=4 with oft_block_size=0"
             )
-        check_positive("module_dropout", self.module_dropout, allow_zero=True)
-        if self.module_dropout >= 1:
-            raise ConfigError(f"module_dropout must be < 1, got {self.module_dropout}")
+        check_probability("module_dropout", self.module_dropout)
         check_positive("eps", self.eps)
         for name in ("coft", "block_share", "use_cayley_neumann"):
             if not isinstance(getattr(self, name), bool):

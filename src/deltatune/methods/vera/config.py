@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from ...config import check_positive
+from ...config import check_positive_int, check_probability
 from ...dtypes import adapter_dtype
 from ...errors import ConfigError, TargetError
 from ...layers import DeltaLayer, layer_kind, linear_features
@@ -63,16 +63,13 @@ class VeraConfig(LayerDeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         key = self.projection_prng_key
         if isinstance(key, bool) or not isinstance(key, int) or not _SEED_RANGE[0] <= key <= _SEED_RANGE[1]:
             raise ConfigError(f"projection_prng_key must be an integer seed (64-bit), got {key!r}")
         if not isinstance(self.save_projection, bool):
             raise ConfigError(f"save_projection must be true or false, got {self.save_projection!r}")
-        check_positive("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1:
-            raise ConfigError(f"dropout must be < 1, got {self.dropout}")
+        check_probability("dropout", self.dropout)
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
             raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
         if self.init not in VERA_INITS:

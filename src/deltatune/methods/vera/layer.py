@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import DeltaLayer
+from ...protocol import dropout_module
 from ..base import MergeableDelta
 
 # PEFT's file keys of the shared projections: one entry per adapter at model level, outside ``base_model.model.``
@@ -80,7 +81,7 @@ class VeraLinear(MergeableDelta):
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features))
         self.vera_lambda_d = nn.Parameter(torch.zeros(r))
         self.projections = projections  # shared child module: the same object in every layer of the adapter
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout_module(dropout)
         with torch.no_grad():
             if init == "vera":
                 self.vera_lambda_d.fill_(d_initial)

@@ -40,11 +40,10 @@ def merge_adapters(model: Any, names: list[str], safe: bool, skip_unmergeable: b
 
 
 def merge_order(host: DeltaLayer, names: list[str]) -> list[str]:
-    """The order that reproduces the forward (``y = W0 T_k..T_1 x + dW x``, see ``deltatune.protocol``): input
-    transforms in reverse active order first (``W0 -> W0 T_k -> W0 T_k T_(k-1) ...``), then the other deltas in
-    active order. Unmerging pops them in reverse."""
-    order = {name: i for i, name in enumerate(host.active)}
-    names = sorted(names, key=lambda n: order.get(n, len(order)))
+    """The order to merge ``names`` (given in active order, as ``merge()`` passes them) so that the merged weight
+    reproduces the forward ``y = W0 T_k..T_1 x + dW x`` (see ``deltatune.protocol``): input transforms in reverse
+    order first (``W0 -> W0 T_k -> W0 T_k T_(k-1) ...``), then the other deltas in the given order (DoRA reads the
+    weight it is merged into: a caller may merge it first on purpose). Unmerging pops them in reverse."""
     inputs = [n for n in names if host.adapters[n].transforms_input]
     return inputs[::-1] + [n for n in names if n not in inputs]
 

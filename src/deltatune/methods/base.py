@@ -95,6 +95,21 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
+def check_patterns(rank_pattern: Any, alpha_pattern: Any) -> None:
+    """``rank_pattern`` maps module-name regexes to positive ints, ``alpha_pattern`` to positive numbers."""
+    for name, pattern, check in (
+        ("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        ("alpha_pattern", alpha_pattern, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+    ):
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
+            raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}")
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as error:
+                raise ConfigError(f"{name} key {key!r} is not a valid regex: {error}") from error
+
+
 def frozen(tensor_owner: Any) -> Any:
     """Mark a parameter (or every parameter of a module) as never trainable, e.g. AsyLoRA's fixed A."""
     params = tensor_owner.parameters() if isinstance(tensor_owner, nn.Module) else [tensor_owner]

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +16,7 @@ from ..config import check_positive, check_positive_int, check_probability
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
 from ..protocol import dropout_module
-from .base import LayerDeltaConfig, MergeableDelta, pattern_value
+from .base import LayerDeltaConfig, MergeableDelta, check_patterns, pattern_value
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
 INITS = {"kaiming", "gaussian", "random", "zeros"}
@@ -71,16 +70,7 @@ class LoraConfig(LayerDeltaConfig):
         check_probability("dropout", self.dropout)
         if not isinstance(self.rslora, bool):
             raise ConfigError(f"rslora must be true or false, got {self.rslora!r}")
-        for name, check in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-                            ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)):
-            pattern = getattr(self, name)
-            if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
-                raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}")
-            for key in pattern:
-                try:
-                    re.compile(key)
-                except re.error as error:
-                    raise ConfigError(f"{name} key {key!r} is not a valid regex: {error}") from error
+        check_patterns(self.rank_pattern, self.alpha_pattern)
         if not isinstance(self.init, str) or self.init not in self.inits():
             raise ConfigError(f"init must be one of {sorted(self.inits())}, got {self.init!r}")
 

@@ -14,7 +14,6 @@ tensors ``hada_t1``/``lokr_t2``) is refused for convolutions whose kernel is lar
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ from torch import nn
 from ...config import check_positive, check_positive_int
 from ...errors import ConfigError, TargetError
 from ...layers import layer_kind, linear_features
-from ..base import LayerDeltaConfig, pattern_value
+from ..base import LayerDeltaConfig, check_patterns, pattern_value
 from .layer import LoHaDelta, LoKrDelta, conv_shape, factorization
 
 _INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "zeros": True, "random": False, "lycoris": "lycoris"}
@@ -74,7 +73,7 @@ class LycoConfig(LayerDeltaConfig):
             raise ConfigError(f"init must be one of {list(self.inits)}, got {self.init!r}")
         if not isinstance(self.use_effective_conv2d, bool):
             raise ConfigError(f"use_effective_conv2d must be true or false, got {self.use_effective_conv2d!r}")
-        _check_patterns(self.rank_pattern, self.alpha_pattern)
+        check_patterns(self.rank_pattern, self.alpha_pattern)
 
     @classmethod
     def encode(cls, name: str, value: Any) -> Any:
@@ -108,20 +107,6 @@ class LycoConfig(LayerDeltaConfig):
             f"{self.peft_type} adapts nn.Linear, nn.Conv1d and nn.Conv2d layers (as PEFT does); '{path}' is "
             f"{type(module).__name__}: exclude it or target other modules"
         )
-
-
-def _check_patterns(rank_pattern: Any, alpha_pattern: Any) -> None:
-    for name, pattern, check in (
-        ("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-        ("alpha_pattern", alpha_pattern, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
-    ):
-        if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
-            raise ConfigError(f"{name} must map module-name regexes to positive numbers, got {pattern!r}")
-        for key in pattern:
-            try:
-                re.compile(key)
-            except re.error as error:
-                raise ConfigError(f"{name} key {key!r} is not a valid regex: {error}") from error
 
 
 @dataclass

@@ -75,8 +75,8 @@ def canonical(kind: str | None, delta_weight: torch.Tensor) -> torch.Tensor:
 def _refusal(model: DeltaModel, name: str) -> str | None:
     """Why adapter ``name`` cannot enter a combination, or None."""
     config = model.configs[name]
-    if not getattr(config, "mergeable", False):
-        reason = getattr(config, "unmergeable_reason", "its delta is not a weight update")
+    if not config.mergeable:
+        reason = config.unmergeable_reason
         return f"'{name}' ({type(config).__name__}) is not a weight update ({reason}), so it has no task vector"
     if getattr(config, "init", None) in PRINCIPAL_INITS:
         return (f"'{name}' was initialised with {config.init}, which rewrote the base weights; save it (it is "

@@ -47,6 +47,9 @@ class DeltaConfig:
     }
     # keys PEFT's loader expects with these values; a file with another value uses a feature we lack
     peft_fixed: ClassVar[dict[str, Any]] = {}
+    # file layout: tensor keys are ``file_prefix + key``, except keys in ``file_root_keys`` (written as they are)
+    file_prefix: ClassVar[str] = "base_model.model."
+    file_root_keys: ClassVar[frozenset[str]] = frozenset()
 
     targets: list[str] | str | None = None
     exclude: list[str] | str | None = None
@@ -135,6 +138,18 @@ class DeltaConfig:
     def decode(cls, name: str, value: Any) -> Any:
         """PEFT's JSON value -> our value for one field."""
         return value
+
+    # ---- files ---------------------------------------------------------------------------------------------------
+    def for_loading(self) -> DeltaConfig:
+        """The form whose live tensors a file fills: the same config without a random init to overwrite (an ``init``
+        field becomes "zeros"); a method whose file holds a different form overrides it (a prompt without its
+        encoder)."""
+        has_init = any(f.name == "init" for f in dataclasses.fields(self))
+        return self.replace(init="zeros") if has_init else self
+
+    def export_for_save(self, model: Any, name: str, data: dict, tensors: dict) -> tuple[dict, dict]:
+        """The config dictionary and tensors to write for adapter ``name`` (as they are; PiSSA converts)."""
+        return data, tensors
 
     def replace(self, **changes: Any) -> DeltaConfig:
         return dataclasses.replace(self, **changes)

@@ -42,9 +42,9 @@ def adapter_tensors(model: DeltaModel, name: str) -> dict[str, torch.Tensor]:
     """The live tensors of adapter ``name``, keyed as in the file (without the ``base_model.model.`` prefix)."""
     tensors: dict[str, torch.Tensor] = {}
     for path, host in model.hosts():
-        if hasattr(type(host), "file_tensors"):  # model-level adapters (prompts, prefixes): keys chosen by the host
-            if name in host.adapters:
-                tensors.update(host.file_tensors(name))
+        chosen = host.file_tensors(name)  # model-level adapters (prompts, prefixes): keys chosen by the host
+        if chosen is not None:
+            tensors.update(chosen)
         elif isinstance(host, DeltaLayer) and name in host.adapters:  # its state dict, then adapter-level tensors
             tensors.update({f"{path}.{k}": t for k, t in host.adapters[name].state_dict(keep_vars=True).items()})
             tensors.update(host.adapters[name].shared_tensors())  # shared by all its deltas: one key, one tensor
@@ -95,9 +95,7 @@ def save_adapter(model: DeltaModel, directory: str | os.PathLike, name: str) -> 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     raw, data = adapter_tensors(model, name), config_dict(model, name)
-    export = getattr(model.configs[name], "export_for_save", None)  # e.g. PiSSA -> plain LoRA, as PEFT converts
-    if export is not None:
-        data, raw = export(model, name, data, raw)
+    data, raw = model.configs[name].export_for_save(model, name, data, raw)  # e.g. PiSSA -> plain LoRA, as PEFT converts
     tensors = {file_key(model.configs[name], k): v.detach().to("cpu").clone().contiguous() for k, v in raw.items()}
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     metadata = {"format": "pt", "written_by": "deltatune"}
@@ -146,17 +144,15 @@ def read_config(directory: Path) -> DeltaConfig:
 def file_key(config: DeltaConfig, key: str) -> str:
     """The file key of an adapter tensor: ``<prefix><key>`` (PEFT: ``base_model.model.`` for layer methods,
     ``base_model.`` for prompt methods), except keys PEFT stores at the top level (``prompt_embeddings``)."""
-    if key in getattr(config, "file_root_keys", ()):
+    if key in config.file_root_keys:
         return key
-    return getattr(config, "file_prefix", PREFIX) + key
+    return config.file_prefix + key
 
 
 def config_for_loading(config: DeltaConfig) -> DeltaConfig:
     """The form of ``config`` whose live tensors a file fills: no random init to overwrite (``init="zeros"``), or
     the method's own ``for_loading`` (e.g. a prompt without its encoder)."""
-    if hasattr(config, "for_loading"):
-        return config.for_loading()
-    return config.replace(init="zeros") if hasattr(config, "init") else config
+    return config.for_loading()
 
 
 def read_tensors(directory: Path, allow_bin: bool = False, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
@@ -258,7 +254,7 @@ def load(
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     config = read_config(directory)
-    tensors = read_tensors(directory, allow_bin=allow_bin, prefix=getattr(config, "file_prefix", PREFIX))
+    tensors = read_tensors(directory, allow_bin=allow_bin, prefix=config.file_prefix)
     _check_sizes(config, tensors, directory)
     if getattr(config, "init", None) in PRINCIPAL_INITS:  # an unconverted PiSSA/OLoRA file: see lora_init
         if config.method != "lora":

@@ -57,6 +57,11 @@ class AdapterHost(nn.Module):
     def remove_adapter(self, name: str) -> None:
         raise NotImplementedError
 
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Adapter ``name``'s tensors under file keys the host chooses (model-level hosts such as virtual tokens),
+        or None: the default layout (each adapter module's state dict under the host's path)."""
+        return None
+
     def swap_base(self, new: nn.Module) -> None:
         """Put ``new`` in the base module's place (e.g. a dequantized copy of it); adapters stay."""
         old = self.base_layer

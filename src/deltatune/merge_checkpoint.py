@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import DeltaConfig
 from .errors import AdapterFileError, MergeError
-from .io import CONFIG_NAME, PREFIX, config_for_loading, read_config, read_tensors
+from .io import CONFIG_NAME, config_for_loading, read_config, read_tensors
 from .layers import DeltaLayer
 
 
@@ -35,13 +35,13 @@ def merge_checkpoint(
     config = read_config(directory)
     if not config.per_layer or not config.mergeable:
         raise MergeError(
-            f"{type(config).__name__} is not a weight update ({getattr(config, 'unmergeable_reason', 'no dW')}); "
+            f"{type(config).__name__} is not a weight update ({config.unmergeable_reason}); "
             f"keep it as a live adapter"
         )
     if getattr(config, "bias", "none") != "none":
         raise MergeError("the adapter trains base biases (bias != 'none'); merge it with load(...).merge_and_unload()")
-    tensors = read_tensors(directory, prefix=getattr(config, "file_prefix", PREFIX))
-    shared = sorted(set(tensors) & set(getattr(config, "file_root_keys", ())))
+    tensors = read_tensors(directory, prefix=config.file_prefix)
+    shared = sorted(set(tensors) & set(config.file_root_keys))
     if shared:
         raise MergeError(
             f"the adapter has adapter-level tensors shared by all its layers ({', '.join(shared)}); merging one layer "

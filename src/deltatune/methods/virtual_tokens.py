@@ -70,7 +70,7 @@ class VirtualTokenHost(AdapterHost):
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT stores a prompt-family adapter as one tensor ``prompt_embeddings`` (the encoder's output)."""
-        return {"prompt_embeddings": self.adapters[name].stored()}
+        return {"prompt_embeddings": self.adapters[name].stored()} if name in self.adapters else {}
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters.keys())}"

@@ -27,6 +27,8 @@ from torch import nn
 from ..errors import ConfigError, DeltatuneError
 from .artifacts import CHECKPOINT, load_checkpoint, restore_trainable, save_checkpoint, trainable_state
 from .batching import Encoded, collate, train_batches
+from .lm_fast import loss_function
+from .models import unwrap_hf
 from .settings import RunSettings
 from .tasks import better, evaluate
 
@@ -138,6 +140,7 @@ class Trainer:
         self.total_steps = settings.max_steps or max(1, round(settings.epochs * self.steps_per_epoch))
         warmup = settings.warmup
         self.warmup_steps = int(warmup * self.total_steps) if warmup < 1 else int(warmup)
+        self.fused_loss = loss_function(self.forward_model, unwrap_hf(model), task, settings.fused_ce, dist is not None)
         self.optimizer = build_optimizer(model, settings, lr, head_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, settings.scheduler)
@@ -246,7 +249,10 @@ class Trainer:
             sync = self.dist.sync(number + 1 == len(group)) if self.dist else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=self.settings.bf16):
-                    loss = self.forward_model(**(self.dist.to_device(batch) if self.dist else batch)).loss
+                    if self.fused_loss is not None:
+                        loss = self.fused_loss(batch)
+                    else:
+                        loss = self.forward_model(**(self.dist.to_device(batch) if self.dist else batch)).loss
                 value = loss.detach() * weight / self.dist.world_size if self.dist else loss.detach()
                 if self.dist:
                     value = torch.tensor(self.dist.all_sum([float(value)])[0])

@@ -181,7 +181,7 @@ def run_peft_trainer(args: argparse.Namespace, tmp: Path) -> dict:
 
     training = TrainingArguments(
         output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch, num_train_epochs=1, learning_rate=LR["lora"],
-        warmup_ratio=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, logging_strategy="no",
+        warmup_steps=int(0.1 * args.steps), lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, logging_strategy="no",
         save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)

@@ -209,7 +209,10 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", row, "--steps", str(args.steps), "--batch", str(args.batch),
                "--max-length", str(args.max_length), "--threads", str(args.threads)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"row": row, "error": f"timed out after {args.timeout} s"}
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -39,7 +39,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_llm_sft.json"
 DATA = Path(os.environ.get("GSM8K", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
-ROWS = ["deltatune", "peft-loop", "peft-trainer", "dt-no-fused-ce", "dt-no-checkpointing", "dt-no-grouping",
+ROWS = ["deltatune", "peft-loop", "peft-trainer", "dt-no-fused-ce", "dt-no-checkpointing", "dt-ckpt2", "dt-ckpt3", "dt-no-grouping",
         "dt-no-levers", "dt-pad-to-max", "dt-bf16", "full", "full-no-levers"]
 LEVERS_OFF = {"fused_ce": False, "gradient_checkpointing": False, "group_by_length": False}
 VARIANTS = {  # row -> (method, settings overrides, pad to max length)
@@ -47,6 +47,8 @@ VARIANTS = {  # row -> (method, settings overrides, pad to max length)
     "dt-no-fused-ce": ("lora", {"fused_ce": False}, False),
     "dt-no-checkpointing": ("lora", {"gradient_checkpointing": False}, False),
     "dt-no-grouping": ("lora", {"group_by_length": False}, False),
+    "dt-ckpt2": ("lora", {"checkpoint_every": 2}, False),
+    "dt-ckpt3": ("lora", {"checkpoint_every": 3}, False),
     "dt-no-levers": ("lora", LEVERS_OFF, False),
     "dt-pad-to-max": ("lora", {}, True),
     "dt-bf16": ("lora", {"bf16": True}, False),

@@ -24,8 +24,9 @@ CONFIGS = {"before": {"fused_ce": False, "gradient_checkpointing": False}, "afte
 RESULTS = Path(__file__).resolve().parent / "results" / "profile_llm_step.json"
 
 
-def build(args: argparse.Namespace, config: str):
-    """(model, loss function of a batch, one batch, optimizer) the way run_training builds them."""
+def build(args: argparse.Namespace, config: str, batches: int = 1):
+    """(model, loss function of a batch, one batch (a list of ``batches`` when more than 1), optimizer) the way
+    run_training builds them."""
     import tempfile
 
     import torch
@@ -38,7 +39,7 @@ def build(args: argparse.Namespace, config: str):
     from deltatune.train.run import prepare_data
 
     torch.set_num_threads(args.threads)
-    args.steps = 1
+    args.steps = batches
     settings = settings_for(args, train_only_data(Path(tempfile.mkdtemp()) / "data"), "unused", **CONFIGS[config])
     path = resolve_model("smollm2")
     tokenizer = load_tokenizer(path)
@@ -49,7 +50,9 @@ def build(args: argparse.Namespace, config: str):
         enable_checkpointing(unwrap_hf(model))
     fused = loss_function(model, unwrap_hf(model), "causal-lm", settings.fused_ce, False)
     loss_of = fused or (lambda b: model(**b).loss)
-    batch = collate(data, train_batches(data, args.batch, 0, 0)[0], tokenizer.pad_token_id, "causal-lm")
+    order = train_batches(data, args.batch, 0, 0)[:batches]
+    batch = [collate(data, rows, tokenizer.pad_token_id, "causal-lm") for rows in order]
+    batch = batch[0] if batches == 1 else batch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     return model, loss_of, batch, optimizer

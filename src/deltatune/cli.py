@@ -95,6 +95,8 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
     g.add_argument("--gradient-checkpointing", action="store_const", const=True, help="per block (default: causal LM on)")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=False)
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+                   help="with checkpointing: checkpoint every K-th decoder block (fewer: faster, more memory)")
     g.add_argument("--no-fused-ce", action="store_true", help="causal LM: full logits + cross-entropy (more memory)")
     g.add_argument("--quantize", choices=("nf4",), help="QLoRA: keep the frozen base's Linear weights in NF4 (adapter methods)")
     g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
@@ -234,7 +236,8 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio, head_lr=args.head_lr, seed=args.seed, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, fused_ce=not args.no_fused_ce, quantize=args.quantize, group_by_length=not args.no_group_by_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every, fused_ce=not args.no_fused_ce, quantize=args.quantize, group_by_length=not args.no_group_by_length,
         eval_every=args.eval_every, save_every=args.save_every, metric=args.metric, threads=args.threads,
         out=args.out, resume=getattr(args, "resume", False), quiet=args.quiet,
     )

@@ -128,26 +128,28 @@ def _recompute_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
 
 def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-    chunk: int | None = None, eager: bool = True,
+    chunk: int | None = None, eager: bool = True, reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``h W^T + b`` [N, V] against targets ``y`` [N] (all valid), never holding more than
-    ``chunk`` rows of logits. Under autocast the matmul runs in the autocast dtype (the plain path's rounding)."""
+    """Mean (``reduction="sum"``: summed) cross-entropy of ``h W^T + b`` [N, V] against targets ``y`` [N] (all
+    valid), never holding more than ``chunk`` rows of logits. Under autocast the matmul runs in the autocast dtype
+    (the plain path's rounding)."""
     if chunk is None:
         chunk = chunk_rows(weight.shape[0])
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     if len(y) == 0:
         return (h.sum() * 0.0).float()  # nothing to learn from: a zero loss with a (zero) gradient path
     eager = eager and torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(h, weight, bias, y, chunk, 1.0 / len(y), eager, dtype)
+    scale = 1.0 / len(y) if reduction == "mean" else 1.0
+    return _LinearCrossEntropy.apply(h, weight, bias, y, chunk, scale, eager, dtype)
 
 
 def causal_lm_loss(
     hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int | None = None, eager: bool = True,
+    chunk: int | None = None, eager: bool = True, reduction: str = "mean",
 ) -> torch.Tensor:
-    """transformers' causal-LM loss (predict token t+1 from position t; mean over labels != -100) from the last
-    hidden states [B, T, H] without full logits: only positions with a target are gathered and sent to the head."""
+    """transformers' causal-LM loss (predict token t+1 from position t; mean (or sum) over labels != -100) from the
+    last hidden states [B, T, H] without full logits: only positions with a target are gathered and sent to the head."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
     h = hidden[:, :-1][keep]
-    return linear_cross_entropy(h, weight, bias, targets[keep], chunk, eager)
+    return linear_cross_entropy(h, weight, bias, targets[keep], chunk, eager, reduction)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .fused_ce import IGNORE, causal_lm_loss
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -76,9 +77,10 @@ def captured_hidden(hf: nn.Module) -> Iterator[tuple[_Capture, nn.Linear]]:
         parent._modules[name] = head
 
 
-def fused_causal_lm_loss(forward_model: nn.Module, hf: nn.Module, batch: dict[str, torch.Tensor], eager: bool = True) -> torch.Tensor:
-    """The causal-LM loss of ``batch`` (mean over labels != -100) through ``forward_model`` (the model or its
-    DeltaModel), computed by ``fused_ce`` from the last hidden states: equal to ``forward_model(**batch).loss``."""
+def fused_causal_lm_loss(forward_model: nn.Module, hf: nn.Module, batch: dict[str, torch.Tensor], eager: bool = True,
+                         reduction: str = "mean") -> torch.Tensor:
+    """The causal-LM loss of ``batch`` (mean over labels != -100; or their sum) through ``forward_model`` (the model
+    or its DeltaModel), computed by ``fused_ce`` from the last hidden states: equal to ``forward_model(**batch).loss``."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with captured_hidden(hf) as (capture, head):
         forward_model(**inputs)
@@ -88,7 +90,7 @@ def fused_causal_lm_loss(forward_model: nn.Module, hf: nn.Module, batch: dict[st
         raise RuntimeError("fused loss: the model's hidden states do not line up with the labels; run with --no-fused-ce")
     if extra:  # prompt-kind virtual tokens come first and have no targets (as deltatune's prompt methods label them)
         labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
-    return causal_lm_loss(hidden, labels, head.weight, head.bias, eager=eager)
+    return causal_lm_loss(hidden, labels, head.weight, head.bias, eager=eager, reduction=reduction)
 
 
 def loss_function(
@@ -107,6 +109,8 @@ def checkpointing_wanted(setting: bool | None, task: str) -> bool:
 
 def enable_checkpointing(hf: nn.Module, every: int = 1) -> int:
     """Non-reentrant activation checkpointing of every ``every``-th decoder block; returns how many blocks are."""
+    if every < 1:
+        raise ConfigError(f"--checkpoint-every must be at least 1, not {every}")
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(hf.config, "use_cache"):
         hf.config.use_cache = False

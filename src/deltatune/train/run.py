@@ -273,7 +273,7 @@ def _build_model(
         quantize_base(model, settings.quantize, configs is None, method)
     model = prepare_method(model, method, configs, heads, data.task, settings.k)
     if checkpointing_wanted(settings.gradient_checkpointing, data.task):
-        record["checkpointed_blocks"] = enable_checkpointing(unwrap_hf(model))
+        record["checkpointed_blocks"] = enable_checkpointing(unwrap_hf(model), settings.checkpoint_every)
     return model, trainer_settings, heads
 
 

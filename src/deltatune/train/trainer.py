@@ -280,7 +280,8 @@ class Trainer:
     def _evaluate(self, epoch: float) -> dict[str, Any]:
         assert self.dev is not None
         result = evaluate(
-            self.dist.eval_model if self.dist else self.model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
+            self.dist.eval_model if self.dist else self.model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16,
+            fused=self.settings.fused_ce,
         )
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         if self.dist:

@@ -100,7 +100,15 @@ def run_deltatune(row: str, args: argparse.Namespace, tmp: Path) -> dict:
             pads = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
             return {k: torch_pad(v, extra, pads[k]) for k, v in batch.items()}
         trainer_module.collate = padded
-    times, losses, tokens, last = [], [], [], [0.0, 0]
+    times, losses, tokens, last, cpu = [], [], [], [0.0, 0], []
+    step = trainer_module.Trainer._train_step
+
+    def timed_step(self, group):  # process CPU time of each optimizer step (robust to other processes' load)
+        began = time.process_time()
+        out = step(self, group)
+        cpu.append(time.process_time() - began)
+        return out
+    trainer_module.Trainer._train_step = timed_step
 
     def on_step(trainer, record):
         times.append(trainer.train_time - last[0])
@@ -110,7 +118,8 @@ def run_deltatune(row: str, args: argparse.Namespace, tmp: Path) -> dict:
 
     settings = settings_for(args, train_only_data(tmp / "data"), str(tmp / "run"), method, **overrides)
     record = run_training(settings, overwrite=True, on_step=on_step)
-    return {"times": times, "losses": losses, "tokens": tokens, "checkpointed_blocks": record.get("checkpointed_blocks", 0)}
+    return {"times": times, "cpu_times": cpu, "losses": losses, "tokens": tokens,
+            "checkpointed_blocks": record.get("checkpointed_blocks", 0)}
 
 
 def torch_pad(tensor, extra: int, value: int):
@@ -151,10 +160,10 @@ def run_peft_loop(args: argparse.Namespace, tmp: Path) -> dict:
     steps = -(-len(data) // args.batch)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
-    times, losses, tokens = [], [], []
+    times, losses, tokens, cpu = [], [], [], []
     for start in range(0, len(order), args.batch):
         batch = collate(data, order[start : start + args.batch], tokenizer.pad_token_id, "causal-lm")
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,9 +171,10 @@ def run_peft_loop(args: argparse.Namespace, tmp: Path) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - began)
+        cpu.append(time.process_time() - cpu_began)
         losses.append(loss.item())
         tokens.append(int(batch["attention_mask"].sum()))
-    return {"times": times, "losses": losses, "tokens": tokens}
+    return {"times": times, "cpu_times": cpu, "losses": losses, "tokens": tokens}
 
 
 def run_peft_trainer(args: argparse.Namespace, tmp: Path) -> dict:
@@ -231,6 +241,7 @@ def summarise(runs: list[dict], rows: list[str]) -> dict:
         table[row] = {
             "train_time_s": statistics.median(sum(r["times"]) for r in good),
             "s_per_step": statistics.median(statistics.median(r["times"]) for r in good),
+            "cpu_s": statistics.median(sum(r.get("cpu_times") or [float("nan")]) for r in good),
             "tokens_per_s": statistics.median(sum(r["tokens"]) / sum(r["times"]) for r in good),
             "peak_rss_gb": statistics.median(r["peak_rss_bytes"] for r in good) / 1e9,
             "losses": good[0]["losses"], "rounds": len(good),
@@ -240,11 +251,23 @@ def summarise(runs: list[dict], rows: list[str]) -> dict:
             for values in table.values():
                 values[f"time_vs_{base}"] = round(values["train_time_s"] / table[base]["train_time_s"], 3)
                 values[f"rss_vs_{base}"] = round(values["peak_rss_gb"] / table[base]["peak_rss_gb"], 3)
+                values[f"cpu_vs_{base}"] = round(values["cpu_s"] / table[base]["cpu_s"], 3)
     reference = table.get("deltatune", {}).get("losses")
     for values in table.values():  # rows that see the same batches in the same order as the default
         if reference and len(values["losses"]) == len(reference):
             values["max_loss_diff_vs_deltatune"] = max(abs(a - b) for a, b in zip(values["losses"], reference))
     return table
+
+
+def write_results(args: argparse.Namespace, runs: list[dict], rows: list[str], loads: dict, started: float) -> dict:
+    from results_io import write_json
+
+    summary = summarise(runs, rows)
+    write_json(Path(args.out), {
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"}, "load_average": loads, "cpus": os.cpu_count(),
+        "wall_s": round(time.time() - started, 1), "summary": summary, "runs": runs,
+    })
+    return summary
 
 
 def main() -> None:
@@ -270,17 +293,12 @@ def main() -> None:
             runs.append(result)
             shown = f"{sum(result['times']):.1f} s, {result['peak_rss_bytes'] / 1e9:.2f} GB" if "times" in result else result["error"][-300:]
             print(f"round {number + 1} {row}: {shown}", flush=True)
-    loads["after"] = load_avg()
-    from results_io import write_json
-
-    summary = summarise(runs, rows)
-    write_json(Path(args.out), {
-        "settings": {k: v for k, v in vars(args).items() if k != "worker"}, "load_average": loads, "cpus": os.cpu_count(),
-        "wall_s": round(time.time() - started, 1), "summary": summary, "runs": runs,
-    })
+            loads["after"] = load_avg()
+            summary = write_results(args, runs, rows, loads, started)  # after every row: a cut-short run keeps its rows
     for row, v in summary.items():
-        print(f"{row:20s} {v['train_time_s']:7.1f} s  {v['s_per_step']:6.2f} s/step  {v['tokens_per_s']:6.1f} tok/s  "
-              f"{v['peak_rss_gb']:5.2f} GB  time x{v.get('time_vs_peft-loop', 0):.2f} rss x{v.get('rss_vs_peft-loop', 0):.2f}")
+        print(f"{row:20s} {v['train_time_s']:7.1f} s  {v['cpu_s']:7.1f} cpu s  {v['tokens_per_s']:6.1f} tok/s  "
+              f"{v['peak_rss_gb']:5.2f} GB  time x{v.get('time_vs_peft-loop', 0):.2f} cpu x{v.get('cpu_vs_peft-loop', 0):.2f} "
+              f"rss x{v.get('rss_vs_peft-loop', 0):.2f}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ Rows:
 - ``peft-loop``: HF PEFT + a plain loop, shuffled batches padded per batch (what transformers.Trainer does);
 - ``peft-trainer``: HF PEFT + transformers.Trainer (DataCollatorForSeq2Seq padding).
 
-Per process: wall time of every optimizer step (forward + backward + clip + AdamW + schedule), the epoch's train
-time (sum), real (non-padding) tokens, median s/step, tokens/s, the losses, and whole-process peak RSS
+Per process: wall and process CPU time of every optimizer step (forward + backward + clip + AdamW + schedule;
+CPU time is the figure to compare on a shared machine), the epoch's train time (sum), real (non-padding) tokens,
+median s/step, tokens/s, the losses, and whole-process peak RSS
 (``ru_maxrss``: model load included). Reported per row: median over rounds; ratios vs ``peft-loop``.
 
     .venv/bin/python benchmarks/bench_llm_sft.py                       # 11 rows x 2 rounds, 4 steps of 8 x 512

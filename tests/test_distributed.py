@@ -159,8 +159,10 @@ def cls_settings(work: Path, out: str, **changes) -> RunSettings:
 
 
 def lm_settings(work: Path, out: str, **changes) -> RunSettings:
-    """Causal LM on prompt/completion rows (prompt tokens ignored: ranks hold very different numbers of targets)."""
-    base = dict(data=str(work / "lm"), model=str(work / "llama"), method="lora",
+    """Causal LM on prompt/completion rows (prompt tokens ignored: ranks hold very different numbers of targets).
+    Distributed runs train on the plain loss (``lm_fast``: the fused head + CE is single-process), so the
+    single-process references do too: only the reduction differs between the runs compared."""
+    base = dict(data=str(work / "lm"), model=str(work / "llama"), method="lora", fused_ce=False,
                 method_options={"r": "4", "dropout": "0", "targets": "q_proj,v_proj,down_proj"}, max_length=32,
                 batch_size=3, grad_accum=2, max_steps=4, eval_every=2, lr=1e-2, quiet=True, out=str(work / out))
     return RunSettings(**{**base, **changes})

@@ -26,7 +26,6 @@ from .errors import ConfigError, DeltatuneError
 FIELD_FLAGS = {"text": "--text-field", "text_a": "--text-a-field", "text_b": "--text-b-field", "label": "--label-field",
                "prompt": "--prompt-field", "completion": "--completion-field"}
 
-
 STACK_HELP = (
     "Stacks: --method A+B[+C] (e.g. lora+prefix) trains one adapter per part, named after it, all active together; "
     "baselines cannot be stacked. An unprefixed option (--r 8) goes to every part that has that field (--modules-to-save "
@@ -94,7 +93,11 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loraplus-ratio", type=float, help="LoRA+: lr of the B matrices = ratio * lr")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--gradient-checkpointing", action="store_const", const=True, help="per block (default: causal LM on)")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=False)
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="K",
+                   help="with checkpointing: checkpoint every K-th decoder block (fewer: faster, more memory)")
+    g.add_argument("--no-fused-ce", action="store_true", help="causal LM: full logits + cross-entropy (more memory)")
     g.add_argument("--quantize", choices=("nf4",), help="QLoRA: keep the frozen base's Linear weights in NF4 (adapter methods)")
     g.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch end)")
@@ -233,7 +236,8 @@ def settings_from_args(args: argparse.Namespace, method: str) -> Any:
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
         optimizer_args=optimizer_args, scheduler=args.scheduler, warmup=args.warmup, grad_accum=args.grad_accum,
         max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio, head_lr=args.head_lr, seed=args.seed, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, quantize=args.quantize, group_by_length=not args.no_group_by_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every, fused_ce=not args.no_fused_ce, quantize=args.quantize, group_by_length=not args.no_group_by_length,
         eval_every=args.eval_every, save_every=args.save_every, metric=args.metric, threads=args.threads,
         out=args.out, resume=getattr(args, "resume", False), quiet=args.quiet,
     )

@@ -46,6 +46,7 @@ def _in_dtype(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's CPU autocast state (bf16 matmuls)
     def forward(ctx, x, out, weight, bias, lora_a, lora_b, scaling: float, p: float, merged: bool):
         lora_dtype = lora_a.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
@@ -53,7 +54,9 @@ class _LoraLinearFn(torch.autograd.Function):
         needs_x, _, _, _, needs_a, needs_b = ctx.needs_input_grad[:6]
         mask_state = None
         ht = None  # h^T = A drop(x)^T [r, tokens]
-        chunked = p > 0 and weight is not None and seeded(x) and x.dtype == weight.dtype == lora_dtype
+        # one dtype throughout; not under autocast, whose matmuls would change dtype mid-way (bf16 y + fp32 h)
+        chunked = (p > 0 and weight is not None and seeded(x) and x.dtype == weight.dtype == lora_dtype
+                   and not torch.is_autocast_enabled(x.device.type))
         if chunked:
             y2, ht, bits = lora_chunked.forward(x2, weight, bias, lora_a, lora_b, scaling, p, new_stream(p),
                                                 keep_bits=needs_a or needs_x)
@@ -97,6 +100,7 @@ class _LoraLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         weight, lora_a, lora_b, ht, kept_mask, *saved_x = ctx.saved_tensors
         x = recompute.load_input(ctx, saved_x)

@@ -24,6 +24,7 @@ from .batching import Encoded, encode_causal_lm, encode_classification
 from .data import DataError, Fields, detect_task, is_labeled, label_space, load_splits, subset
 from .health import head_lr, run_health
 from .label_words import check_words, verbalize
+from .lm_fast import checkpointing_wanted, enable_checkpointing
 from .models import (
     head_modules,
     load_model,
@@ -270,11 +271,8 @@ def _build_model(
     if settings.quantize:
         quantize_base(model, settings.quantize, configs is None, method)
     model = prepare_method(model, method, configs, heads, data.task, settings.k)
-    if settings.gradient_checkpointing:
-        hf = unwrap_hf(model)
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(hf.config, "use_cache"):
-            hf.config.use_cache = False
+    if checkpointing_wanted(settings.gradient_checkpointing, data.task):
+        record["checkpointed_blocks"] = enable_checkpointing(unwrap_hf(model), settings.checkpoint_every)
     return model, trainer_settings, heads
 
 

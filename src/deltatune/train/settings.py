@@ -46,7 +46,9 @@ class RunSettings:
     seed: int = 0
     bf16: bool = False
     quantize: str | None = None  # "nf4": QLoRA, the frozen base's Linear weights stored 4-bit
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on for causal-LM training (deltatune.train.lm_fast)
+    checkpoint_every: int = 1  # with checkpointing: every k-th decoder block is checkpointed
+    fused_ce: bool = True  # causal LM: fused chunked head + cross-entropy, no full logits (lm_fast)
     group_by_length: bool = True
     eval_every: int = 0  # steps; 0 = at the end of each epoch
     save_every: int = 0  # steps; 0 = whenever evaluating

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .batching import Encoded, collate, eval_batches
+from .lm_fast import fused_blocker, fused_causal_lm_loss
+from .models import unwrap_hf
 
 TASKS = ("classification", "causal-lm")
 CLASSIFICATION_METRICS = ("accuracy", "f1", "mcc")
@@ -73,16 +75,26 @@ def evaluate(
     num_classes: int = 2,
     autocast: bool = False,
     keep_logits: bool = False,
+    fused: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on ``data``; ``predictions`` (and ``logits`` when asked) come back in row order."""
+    """Metrics of ``model`` on ``data``; ``predictions`` (and ``logits`` when asked) come back in row order.
+    Causal LM: the loss comes from ``lm_fast``'s fused head + cross-entropy (no [B, T, V] logits) when ``fused``
+    and the model allows it (``fused_blocker``), else from the full logits; the two agree to float rounding."""
     was_training = model.training
     model.eval()
     total_loss, total_count = 0.0, 0
     predictions: list[int] = [0] * len(data)
     logits_out: list[list[float]] = [[] for _ in range(len(data))]
+    hf = unwrap_hf(model)
+    fused = fused and task == "causal-lm" and fused_blocker(hf) is None
     try:
         for indices in eval_batches(data, batch_size):
             batch = collate(data, indices, pad_id, task)
+            if fused:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    total_loss += fused_causal_lm_loss(model, hf, batch, reduction="sum").item()
+                total_count += int((batch["labels"][:, 1:] != -100).sum())
+                continue
             labels = batch.pop("labels")
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 logits = model(**batch).logits.float()

@@ -26,6 +26,8 @@ from torch import nn
 from ..errors import ConfigError, DeltatuneError
 from .artifacts import CHECKPOINT, load_checkpoint, save_checkpoint
 from .batching import Encoded, collate, train_batches
+from .lm_fast import loss_function
+from .models import unwrap_hf
 from .settings import RunSettings
 from .single import SingleProcess
 from .tasks import better, evaluate
@@ -142,6 +144,7 @@ class Trainer:
         self.total_steps = settings.max_steps or max(1, round(settings.epochs * self.steps_per_epoch))
         warmup = settings.warmup
         self.warmup_steps = int(warmup * self.total_steps) if warmup < 1 else int(warmup)
+        self.fused_loss = loss_function(self.forward_model, unwrap_hf(model), task, settings.fused_ce, not isinstance(dist, SingleProcess))
         self.optimizer = build_optimizer(model, settings, lr, head_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, settings.scheduler)
@@ -238,7 +241,10 @@ class Trainer:
             tokens += int(batch["attention_mask"].sum()) if weight else 0
             with self.dist.sync(number + 1 == len(group)):
                 with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16):
-                    loss = self.forward_model(**self.dist.to_device(batch)).loss
+                    if self.fused_loss is not None:
+                        loss = self.fused_loss(batch)
+                    else:
+                        loss = self.forward_model(**self.dist.to_device(batch)).loss
                 value = self.dist.loss_value(loss, weight)
                 if not torch.isfinite(value):
                     self._stop_non_finite(value)
@@ -266,7 +272,8 @@ class Trainer:
     def _evaluate(self, epoch: float) -> dict[str, Any]:
         assert self.dev is not None
         result = evaluate(
-            self.dist.eval_model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes, self.settings.bf16
+            self.dist.eval_model, self.dev, self.task, self.pad_id, self.settings.eval_batch_size, self.num_classes,
+            self.settings.bf16, fused=self.settings.fused_ce,
         )
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         metrics = self.dist.from_main(metrics)  # identical decisions about the best weights on every rank

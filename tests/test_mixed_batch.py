@@ -272,3 +272,20 @@ def test_gradients_reach_each_rows_virtual_tokens():
     for n, p in model.named_parameters():
         if n in mixed_grads:
             assert torch.allclose(mixed_grads[n], p.grad, atol=1e-4, rtol=1e-4), n
+
+
+def test_training_mixed_batch_with_dropout_gives_each_row_only_its_own_adapter():
+    """With active dropout the batch runs each adapter on its own rows: a base row stays exactly the base model's
+    output, and rows of adapters with dropout 0 equal their single runs exactly."""
+    torch.manual_seed(0)
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, dropout=0.5, init="random", targets=["q_proj", "v_proj"]), "a")
+    model.add_adapter("b", dt.LoraConfig(r=4, init="random", targets=["q_proj", "v_proj"]))
+    rows = ["a", BASE, "b", "b"]
+    x = ids((len(rows), 6))
+    model.train()
+    with torch.no_grad():
+        out = model(input_ids=x, adapter_names=rows).logits
+        expected = {name: single(model, x, name) for name in (BASE, "b")}
+    torch.testing.assert_close(out[1], expected[BASE][1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[2:], expected["b"][2:], atol=1e-5, rtol=0)
+    assert (out[0] - expected[BASE][0]).abs().max() > 1e-3  # row "a" got its (dropped-out) delta

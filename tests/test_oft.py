@@ -320,3 +320,26 @@ def test_old_neumann_files_warn_and_oft_only_bias_is_accepted():
         dt.OFTConfig.from_peft_dict(data)
     config = dt.OFTConfig(bias="oft_only")
     assert config.bias == "lora_only" and config.to_peft_dict()["bias"] == "oft_only"
+
+
+def test_dora_after_an_input_rotation_sees_the_rotated_output():
+    """DoRA rescales the bare base output only when nothing else changed it: with OFT rotating the layer's input
+    first, it takes its general path, so the stack equals the formula g * (W0 R x + s B A x) + (1 - g) b."""
+    torch.manual_seed(0)
+    model = ours(tiny_llama(), oft_block_size=8, targets=["q_proj"])
+    model.add_adapter("d", dt.DoraConfig(r=4, targets=["q_proj"], init="random"))
+    model.set_adapter(["d", "default"])
+    host = next(h for _, h in model.hosts() if isinstance(h, DeltaLayer))
+    x = torch.randn(3, host.base_layer.in_features)
+    oft, dora = host.adapters["default"], host.adapters["d"]
+    with torch.no_grad(), dt.kernels.disabled():
+        dora.lora_magnitude_vector.mul_(1.3)  # g != 1: the bare-output shortcut would differ
+        got = host(x)
+        w0 = host.base_layer.weight
+        rotated = torch.nn.functional.linear(oft.transform_input(x, host), w0)
+        lora = dora.lora_B(dora.lora_A(x)) * dora.scaling
+        g = dora.lora_magnitude_vector / dora.weight_norm(host)
+        bias = host.base_layer.bias
+        expected = rotated - torch.nn.functional.linear(x, w0) + g * (torch.nn.functional.linear(x, w0) + lora)
+        expected = expected if bias is None else expected + bias
+    assert relative(got.double(), expected.double()) <= 1e-5

@@ -118,7 +118,7 @@ class DeltaLayer(AdapterHost):
         if self.disabled or not deltas and self.row_adapters is None:
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return strategy("mixed_forward")(self, x, self.base_layer(x, *args, **kwargs))
+            return strategy("mixed_forward")(self, x, lambda: self.base_layer(x, *args, **kwargs))
         inner = x
         for delta in deltas:
             if delta.transforms_input:
@@ -134,17 +134,14 @@ class DeltaLayer(AdapterHost):
         return add(delta, x, out, self) if add is not None else delta(x, out, self)
 
     def only_delta(self, delta: nn.Module) -> bool:
-        """Whether ``out`` reaching ``delta`` is the bare base output: no other unmerged delta ran before it (in a
-        mixed batch each row has one adapter, so always)."""
+        """Whether ``out`` reaching ``delta`` is the bare base output of ``x``: no other unmerged delta transformed
+        the input or ran before it (in a mixed batch each row has one adapter, so always)."""
         if self.row_adapters is not None:
             return True
-        for name in self.active:
-            other = self.adapters[name] if name in self.adapters else None
-            if other is delta:
-                return True
-            if other is not None and name not in self.merged:
-                return False
-        return True
+        others = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        if any(other.transforms_input for other in others if other is not delta):
+            return False
+        return not others or others[0] is delta
 
     def merge(self, name: str, safe: bool = True) -> None:
         if name in self.merged or name not in self.adapters:

@@ -28,6 +28,7 @@ adapters cost nothing per call; while gradients flow into an adapter the stacks 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,9 +259,9 @@ def apply_stacks(layer: DeltaLayer, stacks: Stacks, index: torch.Tensor, x: torc
     return total.to(out.dtype)
 
 
-def _single(layer: DeltaLayer, delta: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """One delta on rows that all chose it; ``out`` is their base output, recomputed when the delta transforms the
-    layer's input."""
+def _single(layer: DeltaLayer, delta: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """One delta on rows that all chose it; ``out`` is their base output (None for a delta that transforms the
+    layer's input: it gets the base output of the transformed input instead)."""
     if delta.transforms_input:
         out = layer.base_layer(delta.transform_input(x, layer))
     return layer.apply_delta(delta, x, out)
@@ -275,20 +276,22 @@ def run_each(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor, rows: list[s
     return result
 
 
-def forward_mixed(layer: DeltaLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``DeltaLayer`` output for a mixed batch: row i gets only the delta of adapter ``layer.row_adapters[i]``."""
+def forward_mixed(layer: DeltaLayer, x: torch.Tensor, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``DeltaLayer`` output for a mixed batch: row i gets only the delta of adapter ``layer.row_adapters[i]``.
+    ``base()`` computes the base layer's output for the whole batch (called only when some row needs it)."""
     rows = row_names(layer.row_adapters, x.shape[0])
     if layer.merged:
         raise MergeError("mixed-adapter batches need unmerged weights; call model.unmerge() first")
     adapters = layer.adapters._modules
     used = [name for name in dict.fromkeys(rows) if name != BASE and name in adapters]
     if not used:
-        return out
+        return base()
     deltas = [adapters[name] for name in used]
     if len(used) == 1 and all(r == used[0] for r in rows):  # one adapter for every row: its own forward
-        return _single(layer, deltas[0], x, out)
+        return _single(layer, deltas[0], x, None if deltas[0].transforms_input else base())
+    out = base()
     if layer.training and any(_dropping(d) for d in deltas):
-        return _single(layer, deltas[0], x, out)
+        return run_each(layer, x, out, rows, used)
     need_grad = torch.is_grad_enabled() and any(p.requires_grad for d in deltas for p in d.parameters())
     stacks = layer_stacks(layer, used, need_grad)
     batched = [name for name in used if stacks is not None and name in stacks.slots]

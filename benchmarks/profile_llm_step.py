@@ -58,13 +58,15 @@ def build(args: argparse.Namespace, config: str, batches: int = 1):
     return model, loss_of, batch, optimizer
 
 
-def step(loss_of, batch, optimizer) -> dict:
+def step(loss_of, batch, optimizer, read_saved: bool = True) -> dict:
+    """One optimizer step, timed by phase. ``read_saved=False`` under checkpointing: reading a checkpointed node's
+    saved tensor runs the checkpoint's unpack hook, i.e. a recompute, which would distort the step."""
     from saved_bytes import saved_tensor_bytes  # benchmarks/saved_bytes.py
 
     began = time.perf_counter()
     loss = loss_of(batch)
     forward = time.perf_counter()
-    saved = saved_tensor_bytes(loss)
+    saved = saved_tensor_bytes(loss) if read_saved else float("nan")
     mid = time.perf_counter()
     loss.backward()
     backward = time.perf_counter()
@@ -79,9 +81,10 @@ def worker(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     model, loss_of, batch, optimizer = build(args, args.worker)
-    step(loss_of, batch, optimizer)  # warm-up
+    read_saved = CONFIGS[args.worker].get("gradient_checkpointing", True) is False
+    step(loss_of, batch, optimizer, read_saved)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        timing = step(loss_of, batch, optimizer)
+        timing = step(loss_of, batch, optimizer, read_saved)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
     timing["top_ops"] = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 2), "calls": e.count} for e in events]
     timing["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
@@ -94,12 +97,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="before (no levers), after (the default)")
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     out = {"settings": vars(args), "load_before": os.getloadavg()}
-    for config in CONFIGS:
+    for config in args.configs.split(","):
         command = [sys.executable, __file__, "--worker", config, "--batch", str(args.batch), "--max-length",
                    str(args.max_length), "--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -109,7 +114,7 @@ def main() -> None:
     out["load_after"] = os.getloadavg()
     from results_io import write_json
 
-    write_json(RESULTS, out)
+    write_json(Path(args.out), out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # (layer, module-name prefixes); a module belongs to the first entry with a matching prefix (exact name or a
 # package prefix ending in ".")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("deltatune.errors", "deltatune.dtypes", "deltatune.quiet", "deltatune.atomic", "deltatune.merging", "deltatune.protocol", "deltatune.config", "deltatune.layers",
+    ("core", ("deltatune.errors", "deltatune.dtypes", "deltatune.quiet", "deltatune.atomic", "deltatune.merging", "deltatune.protocol", "deltatune.filling", "deltatune.config", "deltatune.layers",
               "deltatune.targets", "deltatune.model", "deltatune.kvcache")),
     ("methods", ("deltatune.methods", "deltatune.methods.")),
     ("extensions", ("deltatune.io", "deltatune.quant", "deltatune.ops", "deltatune.ops.", "deltatune.kernels",
@@ -131,7 +131,9 @@ def test_checker_sees_function_local_and_relative_imports(tmp_path: Path) -> Non
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("module", ["deltatune.layers", "deltatune.model", "deltatune.config", "deltatune.protocol"])
+@pytest.mark.parametrize(
+    "module", ["deltatune.layers", "deltatune.model", "deltatune.config", "deltatune.protocol", "deltatune.filling"]
+)
 def test_core_modules_name_no_method_class(module: str) -> None:
     """The core dispatches through the protocol: it never names a method's delta class."""
     text = modules()[module].read_text(encoding="utf-8")

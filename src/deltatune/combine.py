@@ -173,7 +173,7 @@ def _result_config(model: DeltaModel, adapters: list[str], ranks: dict[str, int]
     first = model.configs[adapters[0]]
     top = max(ranks.values())
     return LoraConfig(
-        r=top, alpha=top, dropout=0.0, init="zeros", targets=sorted(ranks),
+        r=top, alpha=top, dropout=0.0, targets=sorted(ranks),
         rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != top},
         modules_to_save=saved or None, base_model_name_or_path=first.base_model_name_or_path,
         task_type=first.task_type,

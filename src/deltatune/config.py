@@ -140,13 +140,6 @@ class DeltaConfig:
         return value
 
     # ---- files ---------------------------------------------------------------------------------------------------
-    def for_loading(self) -> DeltaConfig:
-        """The form whose live tensors a file fills: the same config without a random init to overwrite (an ``init``
-        field becomes "zeros"); a method whose file holds a different form overrides it (a prompt without its
-        encoder)."""
-        has_init = any(f.name == "init" for f in dataclasses.fields(self))
-        return self.replace(init="zeros") if has_init else self
-
     def export_for_save(self, model: Any, name: str, data: dict, tensors: dict) -> tuple[dict, dict]:
         """The config dictionary and tensors to write for adapter ``name`` (as they are; PiSSA converts)."""
         return data, tensors

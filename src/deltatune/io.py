@@ -19,6 +19,7 @@ from torch import nn
 from .atomic import _atomic_write, atomic_write, remove_stale_temps  # noqa: F401  (atomic_write: public here)
 from .config import DeltaConfig
 from .errors import AdapterFileError, ConfigError, DeltatuneError
+from .filling import fill, unfilled
 from .layers import DeltaLayer, TrainableCopies, layer_kind
 from .methods import config_from_peft_dict
 from .methods.lora_init import PRINCIPAL_INITS, principal_file_as_plain_lora
@@ -149,19 +150,14 @@ def file_key(config: DeltaConfig, key: str) -> str:
     return config.file_prefix + key
 
 
-def config_for_loading(config: DeltaConfig) -> DeltaConfig:
-    """The form of ``config`` whose live tensors a file fills: no random init to overwrite (``init="zeros"``), or
-    the method's own ``for_loading`` (e.g. a prompt without its encoder)."""
-    return config.for_loading()
-
-
 def read_tensors(directory: Path, allow_bin: bool = False, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if path.is_file():
         from safetensors.torch import load_file
 
-        try:
-            tensors = load_file(str(path))
+        try:  # pread: tensors in memory of their own; the default mmap backend would tie them to the file, which a
+            # later write to it changes and a truncation turns into a crash (SIGBUS), and loading keeps them as they are
+            tensors = load_file(str(path), backend="pread")
         except BaseException as error:  # safetensors raises SafetensorError, or a Rust PanicException
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -261,28 +257,22 @@ def load(
             raise AdapterFileError(f"{directory}: init {config.init!r} is supported for plain LoRA files only")
         root = model.model if isinstance(model, DeltaModel) else model
         config, tensors = principal_file_as_plain_lora(root, config, tensors)
-    loading_config = config_for_loading(config)
     fresh = not isinstance(model, DeltaModel)
     flags = [(p, p.requires_grad) for p in model.parameters()]  # the user's flags, put back exactly on failure
-    if fresh:
-        delta_model = DeltaModel(model, loading_config, name)
+    if fresh:  # built empty (init=False): the file's tensors become the adapter's, no initialisation runs first
+        delta_model = DeltaModel(model, config, name, init=False)
     else:
         delta_model = model
-        delta_model.add_adapter(name, loading_config)
-    delta_model.configs[name] = config
+        delta_model.add_adapter(name, config, init=False)
     restore: dict[str, torch.Tensor] = {}
+    expected: dict[str, torch.Tensor] = {}
     try:
         expected = adapter_tensors(delta_model, name)
         overrides = _base_overrides(delta_model, tensors, expected)
         expected.update(overrides)
         _check_fit(expected, tensors, directory)
         _warn_base_overrides(expected, tensors, overrides)
-        owned = _adapter_tensor_ids(delta_model)
-        with torch.no_grad():
-            for key, target in expected.items():
-                if id(target) not in owned:  # a base tensor (bias="all"/"lora_only"): keep it to roll back
-                    restore[key] = target.detach().clone()
-                target.copy_(tensors[key])
+        _fill_adapter(delta_model, name, expected, tensors, restore)
     except BaseException:
         with torch.no_grad():
             for key, old in restore.items():
@@ -333,13 +323,32 @@ def _warn_base_overrides(
         )
 
 
-def _adapter_tensor_ids(model: DeltaModel) -> set[int]:
-    """ids of every tensor that belongs to an adapter (not to the base model)."""
-    ids: set[int] = set()
-    for _, host in model.hosts():
-        holders = host.copies if isinstance(host, TrainableCopies) else host.adapters
-        ids |= {id(t) for t in holders.state_dict(keep_vars=True).values()}
-    return ids
+def _fill_adapter(
+    model: DeltaModel, name: str, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+    restore: dict[str, torch.Tensor],
+) -> None:
+    """Put the file's tensors into adapter ``name``, built empty (``add_adapter(init=False)``).
+
+    Its own tensors, on the meta device, take the file's tensors themselves (``filling.fill``: no copy when device
+    and dtype already match). Real targets are base tensors a file may carry (``bias="all"`` / ``"lora_only"``,
+    embedding base weights): they are copied into, their old values kept in ``restore`` for a roll-back. An adapter
+    tensor left on the meta device (computed by no one) is an error naming it, never garbage in the model.
+    """
+    with torch.no_grad():
+        for key, target in expected.items():
+            if not target.is_meta:
+                restore[key] = target.detach().clone()
+                target.copy_(tensors[key])
+    holders = [(path, host.adapter_module(name)) for path, host in model.hosts()]
+    holders = [(path, module) for path, module in holders if module is not None]
+    fill([module for _, module in holders], {id(t): tensors[k] for k, t in expected.items() if t.is_meta})
+    left = unfilled(holders)
+    if left:
+        raise DeltatuneError(
+            f"adapter '{name}' has tensors that neither its file nor its method filled: {', '.join(left[:3])}"
+            f"{' ...' if len(left) > 3 else ''} are still on the meta device. The method builds them as file tensors "
+            f"but no file holds them: compute them on a real device when built (see deltatune.protocol.no_init)"
+        )
 
 
 register_strategy("save", save)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .errors import MergeError
-from .protocol import kernel, strategy
+from .filling import empty_copy
+from .protocol import initialising, kernel, strategy
 
 BASE = "__base__"
 
@@ -55,6 +56,11 @@ class AdapterHost(nn.Module):
         raise NotImplementedError
 
     def remove_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_module(self, name: str) -> nn.Module | None:
+        """The module holding adapter ``name``'s tensors in this host (its delta, virtual tokens or module copy), or
+        None when the adapter has none here."""
         raise NotImplementedError
 
     def file_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
@@ -101,6 +107,9 @@ class DeltaLayer(AdapterHost):
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
+
+    def adapter_module(self, name: str) -> nn.Module | None:
+        return self.adapters[name] if name in self.adapters else None
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -196,8 +205,17 @@ class TrainableCopies(AdapterHost):
     def adapter_names(self) -> list[str]:
         return list(self.copies.keys())
 
+    def adapter_module(self, name: str) -> nn.Module | None:
+        return self.copies[name] if name in self.copies else None
+
     def add_copy(self, name: str) -> nn.Module:
-        replica = copy.deepcopy(self.base_layer)
+        """A trainable copy of the base module for adapter ``name``; inside ``protocol.no_init()`` its state-dict
+        tensors are left on the meta device for a file to fill (``filling.empty_copy``)."""
+        if initialising():
+            replica = copy.deepcopy(self.base_layer)
+        else:
+            first = next(self.base_layer.parameters(), None)
+            replica = empty_copy(self.base_layer, first.device if first is not None else None)
         for parameter in replica.parameters():
             parameter.requires_grad_(True)
         self.copies[name] = replica

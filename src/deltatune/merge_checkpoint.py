@@ -19,8 +19,10 @@ from torch import nn
 
 from .config import DeltaConfig
 from .errors import AdapterFileError, MergeError
-from .io import CONFIG_NAME, config_for_loading, read_config, read_tensors
+from .filling import fill, place, unfilled
+from .io import CONFIG_NAME, read_config, read_tensors
 from .layers import DeltaLayer
+from .protocol import no_init
 
 
 def merge_checkpoint(
@@ -107,21 +109,24 @@ def _filled_delta(
 ) -> tuple[nn.Module, DeltaLayer]:
     """The delta of ``path`` built for the first stand-in (holding copies of ``weight`` and ``bias``) whose tensor
     names and shapes the file fills exactly."""
-    loading = config_for_loading(config)
     for module in _stand_ins(weight, transposed):
         module.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if bias is not None and not isinstance(module, nn.Embedding):
             module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         try:
-            delta = loading.create_delta(module, path)
+            with no_init():  # built empty: the file's tensors are the delta's, no initialisation runs first
+                delta = config.create_delta(module, path)
         except NotImplementedError:
             raise MergeError(
                 f"{config.method} builds its deltas for all layers together; merging one layer at a time cannot: "
                 f"use dt.load(base, adapter).merge_and_unload()"
             ) from None
-        own = delta.state_dict()
+        own = delta.state_dict(keep_vars=True)
         if own.keys() == tensors.keys() and all(own[k].shape == tensors[k].shape for k in own):
-            delta.to(device=weight.device, dtype=torch.float32).load_state_dict(tensors)
+            fill([place(delta, weight.device, torch.float32)], {id(t): tensors[k] for k, t in own.items()})
+            left = unfilled([(path, delta)])
+            if left:
+                raise MergeError(f"{config.method} left {', '.join(left[:3])} unfilled on the meta device")
             return delta, DeltaLayer(module)
     raise AdapterFileError(
         f"{directory}: the tensors of '{path}' ({sorted(tensors)}) do not fit a {config.method} delta for a weight of "

@@ -15,7 +15,7 @@ from .config import DeltaConfig
 from .errors import ConfigError, MergeError
 from .layers import BASE, AdapterHost, DeltaLayer, TrainableCopies, claim, wrapper_of
 from .merging import merge_adapters
-from .protocol import strategy
+from .protocol import no_init, strategy
 from .targets import base_modules, get_module, resolve_modules_to_save, resolve_targets, set_module
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -36,7 +36,7 @@ class DeltaModel(nn.Module):
     accepts a plain base checkpoint. Saving, loading, combining and hot-swapping run the implementations that
     ``deltatune.io``, ``deltatune.combine`` and ``deltatune.hotswap`` install (``deltatune.protocol`` strategies)."""
 
-    def __init__(self, model: nn.Module, config: DeltaConfig, name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: DeltaConfig, name: str = "default", *, init: bool = True) -> None:
         super().__init__()
         if isinstance(model, DeltaModel) or getattr(wrapper_of(model), "configs", None):
             raise ConfigError("model is already a DeltaModel or wrapped by one; use its add_adapter, or wrap a copy")
@@ -49,7 +49,7 @@ class DeltaModel(nn.Module):
             parameter.requires_grad_(False)
         self._register_load_state_dict_pre_hook(self._accept_base_keys, with_module=True)
         try:
-            self.add_adapter(name, config)
+            self.add_adapter(name, config, init=init)
         except BaseException:
             self.restore_requires_grad()
             raise
@@ -111,8 +111,16 @@ class DeltaModel(nn.Module):
         self._changed()
         return host
 
-    def add_adapter(self, name: str, config: DeltaConfig) -> None:
-        """Add an adapter (inactive unless it is the first); on any error the model is left as it was."""
+    def add_adapter(self, name: str, config: DeltaConfig, *, init: bool = True) -> None:
+        """Add an adapter (inactive unless it is the first); on any error the model is left as it was.
+
+        ``init=False`` builds it for the caller to fill, as ``deltatune.io.load`` does: no delta runs its
+        initialisation, and every tensor an adapter file holds is an empty meta tensor until
+        ``deltatune.filling.fill`` gives it its value (what a delta computes at build time that no file holds, such
+        as MoRA's rotation tables, is computed as usual; see ``protocol.no_init``). A method whose file holds another
+        form than it trains is built in the file's form (P-tuning: the virtual tokens without their encoder), while
+        ``configs[name]`` holds the real config either way. Fill the adapter before using or moving the model.
+        """
         check_adapter_name(name)
         if name in self.configs:
             raise ConfigError(f"adapter '{name}' already exists; delete_adapter('{name}') first or pick another name")
@@ -131,9 +139,10 @@ class DeltaModel(nn.Module):
         self.configs[name] = config
         self._changed()
         try:
-            config.inject(self, name, paths)
-            for path in save_paths:
-                self.host_at(path, TrainableCopies).add_copy(name)
+            with contextlib.nullcontext() if init else no_init():
+                config.inject(self, name, paths)
+                for path in save_paths:
+                    self.host_at(path, TrainableCopies).add_copy(name)
         except BaseException:
             self._remove(name)
             raise

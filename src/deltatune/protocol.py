@@ -31,6 +31,13 @@ attributes and calls these methods, never a method's class name:
   each once; io saves them and loads into them like per-layer tensors. Keep them out of the delta's ``state_dict``
   (e.g. non-persistent buffers of a child module all the deltas share), or each layer would save its own copy.
 
+Building for a caller to fill (``DeltaModel.add_adapter(name, config, init=False)``; ``deltatune.io.load`` does it):
+inside ``no_init()`` a constructor skips its initialisation (``initialising()`` is False) and every tensor an adapter
+file holds is created on the meta device, the default there, so it costs neither memory nor time until
+``deltatune.filling.fill`` gives it the file's value. A tensor no file holds that a delta computes when it is built
+(MoRA's rotation tables, VeRA's projections drawn from the seed when the file has none) is built with an explicit
+real ``device=`` and computed as usual; one left on the meta device by mistake makes the load fail, naming it.
+
 A delta gets what it needs as arguments (``x``, ``out``, ``layer``); the host's own state it may read is
 ``layer.weight_for_merge`` and ``layer.base_layer``, and ``layer.only_delta(self)``: whether ``out`` is the bare base
 output (no other delta has changed it), which DoRA's rescaling needs.
@@ -38,8 +45,10 @@ output (no other delta has changed it), which DoRA's rescaling needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -94,6 +103,29 @@ class Delta(nn.Module):
 def dropout_module(p: float) -> nn.Module:
     """The dropout a delta applies to its input: ``nn.Dropout(p)``, or the identity for p = 0 (``dropout_p`` reads it)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+# ---- building without initialisation -----------------------------------------------------------------------------
+_BUILD = threading.local()  # per thread: a server may load an adapter while another thread builds one to train
+
+
+def initialising() -> bool:
+    """Whether deltas built now initialise their tensors: False inside ``no_init()``, where they are built for a
+    caller to fill (see the module docstring)."""
+    return getattr(_BUILD, "initialising", True)
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Build adapters for filling: ``initialising()`` is False, and factory calls without an explicit device create
+    meta tensors (shapes and dtypes only: no memory is allocated and no initialiser computes anything)."""
+    previous = initialising()
+    _BUILD.initialising = False
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        _BUILD.initialising = previous
 
 
 # ---- kernels: optional fast paths per delta type ------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import check_positive
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, TrainableCopies, linear_features
-from ..protocol import Delta
+from ..protocol import Delta, initialising
 from ..targets import HEAD_NAMES, base_modules
 from .base import LayerDeltaConfig
 
@@ -32,7 +32,7 @@ KINDS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh,
 }
-INITS = ("zero_up", "houlsby", "random", "zeros")
+INITS = ("zero_up", "houlsby", "random")
 _BERT = {
     "houlsby": ["attention.output.dense", "output.dense"],
     "pfeiffer": r".*\.layer\.\d+\.output\.dense",
@@ -60,7 +60,7 @@ class AdapterConfig(LayerDeltaConfig):
     nonlinearity: f, one of relu, gelu, swish (= silu), tanh.
     init: "zero_up" (W_down nn.Linear default, W_up and biases zero: exactly the base model at init),
       "houlsby" (W_down, W_up ~ N(0, 1e-2) truncated at 2 std, biases zero: near identity, not exact),
-      "random" (everything random, for tests), "zeros" (everything zero, used when loading).
+      "random" (nn.Linear's default init for every tensor: the model differs from the base).
     train_layernorms: also train (a per-adapter copy of) every LayerNorm/RMSNorm, as Houlsby et al. did.
     train_head: also train (a per-adapter copy of) the task head (classifier / score / qa_outputs / lm_head).
     """
@@ -192,11 +192,10 @@ class BottleneckAdapter(Delta):
         self.adapter_down = nn.Linear(hidden, size)
         self.adapter_up = nn.Linear(size, hidden)
         self.act = ACTIVATIONS[nonlinearity]()
+        if not initialising():  # a file fills them (protocol.no_init)
+            return
         with torch.no_grad():
-            if init == "zeros":
-                for parameter in self.parameters():
-                    parameter.zero_()
-            elif init == "houlsby":
+            if init == "houlsby":
                 for linear in (self.adapter_down, self.adapter_up):
                     nn.init.trunc_normal_(linear.weight, std=1e-2, a=-2e-2, b=2e-2)
                     linear.bias.zero_()

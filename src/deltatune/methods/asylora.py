@@ -17,10 +17,11 @@ from torch import nn
 
 from ..errors import TargetError
 from ..layers import layer_kind, linear_features
+from ..protocol import initialising
 from .base import frozen
 from .lora import LoraConfig, LoraLinear, pattern_value
 
-ASY_INITS = {"orthogonal", "random", "zeros"}
+ASY_INITS = {"orthogonal", "random"}
 
 
 def orthonormal_rows(r: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -34,7 +35,7 @@ def orthonormal_rows(r: int, n: int, generator: torch.Generator | None = None) -
 class AsyLoraConfig(LoraConfig):
     """AsyLoRA on Linear and transformers Conv1D layers.
 
-    init: "orthogonal" (A orthonormal rows, B zero), "random" (B random too: for tests), "zeros" (for loading).
+    init: "orthogonal" (A orthonormal rows, B zero), "random" (B random too: the model differs from the base).
     """
 
     peft_type: ClassVar[str] = "ASYLORA"
@@ -69,10 +70,12 @@ class AsyLoraConfig(LoraConfig):
         in_features, out_features = linear_features(module)
         if r > in_features:
             raise TargetError(f"AsyLoRA needs r <= in_features for orthonormal rows; '{path}' has {in_features} < r={r}")
-        lora_init = {"orthogonal": "zeros", "random": "random", "zeros": "zeros"}[self.init]
+        lora_init = "random" if self.init == "random" else None  # None: A and B are set here
         delta = LoraLinear(in_features, out_features, r, self.scaling(path), self.dropout, lora_init, fan_in_fan_out)
-        if self.init != "zeros":
+        if initialising():
             with torch.no_grad():
+                if lora_init is None:
+                    delta.lora_B.weight.zero_()
                 delta.lora_A.weight.copy_(orthonormal_rows(r, in_features))
         frozen(delta.lora_A)
         return delta

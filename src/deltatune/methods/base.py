@@ -12,6 +12,7 @@ from torch import nn
 from ..config import DeltaConfig
 from ..dtypes import adapter_dtype
 from ..errors import ConfigError, MergeError, TargetError
+from ..filling import place
 from ..layers import DeltaLayer, layer_kind, linear_features
 from ..protocol import Delta
 from ..targets import default_targets
@@ -62,7 +63,7 @@ class LayerDeltaConfig(DeltaConfig):
             delta = self.create_delta(host.base_layer, path)
             weight = getattr(host.base_layer, "weight", None)
             if weight is not None:
-                delta.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
+                place(delta, weight.device, adapter_dtype(weight.dtype))
             host.adapters[name] = delta
 
 

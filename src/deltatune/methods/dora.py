@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import MergeError, TargetError
 from ..layers import DeltaLayer, base_weight, layer_kind, linear_features
+from ..protocol import initialising
 from .lora import INITS, LoraConfig, LoraLinear, pattern_value
 
 
@@ -58,9 +59,8 @@ class DoraConfig(LoraConfig):
         r = pattern_value(self.rank_pattern, path, self.r)
         fan_in_fan_out = kind == "conv1d_t"
         in_features, out_features = linear_features(module)
-        return DoraLinear(
-            base_weight(module), in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out
-        )
+        weight = base_weight(module) if initialising() else None  # a file holds m: no dequantization then
+        return DoraLinear(weight, in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out)
 
 
 class DoraLinear(LoraLinear):
@@ -73,16 +73,18 @@ class DoraLinear(LoraLinear):
         return {**super().param_roles(), "lora_magnitude_vector": "magnitude"}
 
     def __init__(
-        self, weight: torch.Tensor, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
+        self, weight: torch.Tensor | None, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
         init: str, fan_in_fan_out: bool,
     ) -> None:
+        """m starts at ``||W0 + s B A||`` of the layer's weight; ``weight`` is None when a file fills m."""
         super().__init__(in_features, out_features, r, scaling, dropout, init, fan_in_fan_out)
         self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features))
         self._cache_key: tuple | None = None
         self._w0_sq: torch.Tensor | None = None
         self._merge_scale: torch.Tensor | None = None  # g used at merge time, so unmerge inverts exactly that map
-        with torch.no_grad():
-            self.lora_magnitude_vector.copy_(self.full_norm(weight.detach()))
+        if initialising():
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.full_norm(weight.detach()))
 
     # ---- norms -------------------------------------------------------------------------------------------------
     def _oi(self, weight: torch.Tensor) -> torch.Tensor:

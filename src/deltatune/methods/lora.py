@@ -15,12 +15,12 @@ from torch import nn
 from ..config import check_positive, check_positive_int, check_probability
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
-from ..protocol import dropout_module
+from ..protocol import dropout_module, initialising
 from .base import LayerDeltaConfig, MergeableDelta, check_patterns, pattern_value
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
-INITS = {"kaiming", "gaussian", "random", "zeros"}
-_INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "random": False, "zeros": True}
+INITS = {"kaiming", "gaussian", "random"}
+_INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "random": False}
 
 
 @dataclass
@@ -29,7 +29,7 @@ class LoraConfig(LayerDeltaConfig):
 
     r: rank; alpha: scale numerator (s = alpha/r, or alpha/sqrt(r) with rslora); dropout on the LoRA input;
     init: "kaiming" (A kaiming-uniform, B zero; PEFT's default), "gaussian" (A ~ N(0, 1/r), B zero),
-    "random" (A and B random: the model differs from the base, for tests), "zeros" (A and B zero, for loading),
+    "random" (A and B random: the model differs from the base; PEFT's init_lora_weights=False),
     "pissa" / "olora" (A, B from the SVD / QR of W0, which is replaced by the residual; see ``lora_init``);
     fan_in_fan_out: detected per layer (True for transformers' Conv1D, whose weight is [in, out]); the field
       exists for PEFT files, where it is written as True when any targeted layer is a Conv1D;
@@ -79,6 +79,11 @@ class LoraConfig(LayerDeltaConfig):
         return INITS | PRINCIPAL_INITS
 
     def inject(self, model: Any, name: str, paths: list[str]) -> None:
+        if self.init in PRINCIPAL_INITS and not initialising():
+            raise ConfigError(
+                f"init={self.init!r} derives the adapter from the base weights and rewrites them, so it cannot be "
+                f"built empty for filling; build it with init=True, or load its file with dt.load (which converts it)"
+            )
         super().inject(model, name, paths)
         if self.init in PRINCIPAL_INITS:
             principal_init(model, name, paths, self.init, LoraLinear)
@@ -136,10 +141,6 @@ class LoraConfig(LayerDeltaConfig):
 def init_pair(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
     """Initialise A and B of a Linear/Conv LoRA pair in place."""
     with torch.no_grad():
-        if init == "zeros":
-            a.zero_()
-            b.zero_()
-            return
         if init == "gaussian":
             nn.init.normal_(a, std=1 / r)
         else:
@@ -155,7 +156,8 @@ class LoraLinear(MergeableDelta):
     to [in, out] for Conv1D)."""
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, init: str, fan_in_fan_out: bool
+        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, init: str | None,
+        fan_in_fan_out: bool,
     ) -> None:
         super().__init__()
         self.lora_A = nn.Linear(in_features, r, bias=False)
@@ -163,7 +165,8 @@ class LoraLinear(MergeableDelta):
         self.dropout = dropout_module(dropout)
         self.scaling = scaling
         self.fan_in_fan_out = fan_in_fan_out
-        init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        if init is not None and initialising():  # None: the caller sets both (AsyLoRA); else a file fills them
+            init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
     batch_kind = "lowrank"
     restartable = True
@@ -200,12 +203,12 @@ class LoraEmbedding(MergeableDelta):
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings))
         self.lora_embedding_B = nn.Parameter(torch.zeros(embedding_dim, r))
         self.scaling = scaling
+        if not initialising():
+            return
         with torch.no_grad():
             if init == "random":
                 self.lora_embedding_A.normal_()
-                self.lora_embedding_B.normal_()
-            elif init != "zeros":
-                self.lora_embedding_B.normal_()
+            self.lora_embedding_B.normal_()
 
     def forward(self, ids: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
         base = layer.base_layer
@@ -249,7 +252,8 @@ class LoraConv(MergeableDelta):
         self.lora_B = conv(r, base.out_channels, ones, ones, bias=False)
         self.dropout = dropout_module(dropout)
         self.scaling = scaling
-        init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        if initialising():  # else a file fills them (protocol.no_init)
+            init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import check_positive_int, check_probability
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
-from ..protocol import dropout_module
+from ..protocol import dropout_module, initialising
 from .base import LayerDeltaConfig, MergeableDelta
 from .lora import pattern_value
 
@@ -110,16 +110,17 @@ class MoraLinear(MergeableDelta):
         self.fan_in_fan_out = fan_in_fan_out
         self.mora_M = nn.Linear(r_hat, r_hat, bias=False)
         self.dropout = dropout_module(dropout)
-        with torch.no_grad():
-            if init == "zeros":
-                self.mora_M.weight.zero_()
-            else:
-                nn.init.normal_(self.mora_M.weight, std=1 / r_hat)
+        if initialising():
+            with torch.no_grad():
+                if init == "zeros":
+                    self.mora_M.weight.zero_()
+                else:
+                    nn.init.normal_(self.mora_M.weight, std=1 / r_hat)
         self.pad = (-in_features) % r_hat
         self.chunks = (in_features + self.pad) // r_hat
-        if mora_type == 6:
-            inv_freq = 1.0 / (10000 ** (torch.arange(0, r_hat, 2, dtype=torch.float64) / r_hat))
-            angles = torch.outer(torch.arange(self.chunks, dtype=torch.float64), inv_freq)
+        if mora_type == 6:  # computed, in no file: on a real device also when built for filling (protocol.no_init)
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, r_hat, 2, dtype=torch.float64, device="cpu") / r_hat))
+            angles = torch.outer(torch.arange(self.chunks, dtype=torch.float64, device="cpu"), inv_freq)
             angles = torch.cat((angles, angles), dim=-1)  # [chunks, r_hat]
             self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
             self.register_buffer("rope_sin", angles.sin().float(), persistent=False)

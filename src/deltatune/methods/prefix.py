@@ -21,6 +21,7 @@ from torch import nn
 from ..config import check_probability
 from ..errors import ConfigError, TargetError
 from ..kvcache import cache_arg
+from ..protocol import initialising
 from .virtual_tokens import VirtualTokenConfig, model_dims
 
 
@@ -42,12 +43,12 @@ class PrefixEncoder(nn.Module):
         if projection:
             self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
             self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
-            if init == "zeros":
+            if init == "zeros" and initialising():
                 nn.init.zeros_(self.transform[-1].weight)
                 nn.init.zeros_(self.transform[-1].bias)
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, width)
-            if init == "zeros":
+            if init == "zeros" and initialising():
                 nn.init.zeros_(self.embedding.weight)
 
     def forward(self) -> torch.Tensor:
@@ -150,7 +151,7 @@ class PrefixTuningConfig(VirtualTokenConfig):
         )
 
     def for_loading(self) -> PrefixTuningConfig:
-        return self.replace(projection=False, init="zeros")
+        return self.replace(projection=False)
 
     def create_module(self, root: nn.Module) -> nn.Module:
         return PrefixEncoder(

@@ -19,9 +19,10 @@ from torch import nn
 
 from ..config import check_positive_int, check_probability
 from ..errors import ConfigError
+from ..protocol import initialising
 from .virtual_tokens import VirtualTokenConfig, input_embeddings, model_dims
 
-_INIT_TO_PEFT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT", "zeros": "RANDOM"}
+_INIT_TO_PEFT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _ENCODER_TO_PEFT = {"mlp": "MLP", "lstm": "LSTM", "none": "MLP"}
 
 
@@ -73,7 +74,7 @@ class PromptTuningConfig(VirtualTokenConfig):
     """Prompt tuning: P trainable virtual-token embeddings prepended to the input embeddings.
 
     init: "random" (N(0, 1)), "vocab" (embeddings of P uniformly sampled vocabulary ids), "text" (the token
-    embeddings of ``init_text``, tokenized with ``tokenizer_name_or_path``, repeated/truncated to P), "zeros".
+    embeddings of ``init_text``, tokenized with ``tokenizer_name_or_path``, repeated/truncated to P).
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
@@ -115,22 +116,17 @@ class PromptTuningConfig(VirtualTokenConfig):
             num_attention_heads=self.num_attention_heads or dims["heads"],
         )
 
-    def for_loading(self) -> PromptTuningConfig:
-        return self.replace(init="zeros")
-
     def create_module(self, root: nn.Module) -> nn.Module:
         module = PromptEmbedding(self.num_virtual_tokens, self.token_dim)
-        self.initialise(module.embedding.weight, root)
+        if initialising():  # else a file fills them (protocol.no_init)
+            self.initialise(module.embedding.weight, root)
         return module
 
     def initialise(self, weight: torch.Tensor, root: nn.Module) -> None:
-        """Fill the [P, d] virtual tokens according to ``init``."""
+        """Fill the [P, d] virtual tokens according to ``init`` ("random": nn.Embedding's N(0, 1) as built)."""
         if self.init == "random":
             return
         with torch.no_grad():
-            if self.init == "zeros":
-                weight.zero_()
-                return
             table = input_embeddings(root).weight
             if self.init == "vocab":
                 ids = torch.randint(0, table.shape[0], (self.num_virtual_tokens,), device=table.device)

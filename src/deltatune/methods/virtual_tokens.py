@@ -31,9 +31,10 @@ from torch import nn
 from ..config import DeltaConfig
 from ..dtypes import adapter_dtype
 from ..errors import ConfigError, TargetError
+from ..filling import place
 from ..kvcache import pop_cache, put_cache
 from ..layers import AdapterHost, TrainableCopies
-from ..protocol import strategy
+from ..protocol import initialising, strategy
 from ..targets import resolve_modules_to_save
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class VirtualTokenHost(AdapterHost):
 
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
+
+    def adapter_module(self, name: str) -> nn.Module | None:
+        return self.adapters[name] if name in self.adapters else None
 
     def remove_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -242,7 +246,8 @@ class VirtualTokenConfig(DeltaConfig):
         raise NotImplementedError
 
     def for_loading(self) -> VirtualTokenConfig:
-        """The config to build before copying a file's ``prompt_embeddings`` in: the stored form, no encoder."""
+        """The form a file's ``prompt_embeddings`` fill, built when ``initialising()`` is False: the stored virtual
+        tokens without an encoder (P-tuning) or prefix projection (prefix tuning); the same form by default."""
         return self
 
     def inject(self, model: DeltaModel, name: str, paths: list[str]) -> None:
@@ -253,11 +258,11 @@ class VirtualTokenConfig(DeltaConfig):
                 f"encoders and decoder-only models"
             )
         config = self.filled(root)
-        module = config.create_module(root)
+        module = (config if initialising() else config.for_loading()).create_module(root)
         embeddings = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
         weight = getattr(embeddings, "weight", None)
         if weight is not None:
-            module.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
+            place(module, weight.device, adapter_dtype(weight.dtype))
         if config.modules_to_save is None:
             heads = default_heads(root)
             for path in heads:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...errors import MergeError
-from ...protocol import Delta
+from ...protocol import Delta, initialising
 
 
 class IA3Delta(Delta):
@@ -39,7 +39,10 @@ class IA3Delta(Delta):
             shape: tuple[int, ...] = (1, features) + (1,) * kernel_dims
         else:
             shape = (features, 1) if self.scales_output else (1, features)
-        self.ia3_l = nn.Parameter(torch.ones(shape) if init_ones else torch.randn(shape))
+        if not initialising():  # a file fills it (protocol.no_init)
+            self.ia3_l = nn.Parameter(torch.empty(shape))
+        else:
+            self.ia3_l = nn.Parameter(torch.ones(shape) if init_ones else torch.randn(shape))
         self.kind = kind
         self.groups = groups
         self.fan_in_fan_out = kind == "conv1d_t"

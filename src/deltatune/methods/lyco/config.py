@@ -25,7 +25,7 @@ from ...layers import layer_kind, linear_features
 from ..base import LayerDeltaConfig, check_patterns, pattern_value
 from .layer import LoHaDelta, LoKrDelta, conv_shape, factorization
 
-_INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "zeros": True, "random": False, "lycoris": "lycoris"}
+_INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "random": False, "lycoris": "lycoris"}
 
 
 @dataclass
@@ -35,7 +35,7 @@ class LycoConfig(LayerDeltaConfig):
     r: rank; alpha: s = alpha / r; rank_dropout: probability of zeroing an output row of dW (training only);
     module_dropout: probability of skipping the delta for a step (training only);
     init: "kaiming" (PEFT's default init_weights=True: dW = 0 at init), "random" (PEFT init_weights=False: every
-      factor random, dW != 0), "zeros" (every factor zero; used when loading a file);
+      factor random, dW != 0);
     use_effective_conv2d: PEFT's CP decomposition for convolutions with kernel > 1 (not supported: refused there);
     rank_pattern / alpha_pattern: per-module overrides, keys are regexes matched against the end of the path.
     """
@@ -47,7 +47,7 @@ class LycoConfig(LayerDeltaConfig):
         "init": "init_weights", "use_effective_conv2d": "use_effective_conv2d",
         "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
     }
-    inits: ClassVar[tuple[str, ...]] = ("kaiming", "random", "zeros")
+    inits: ClassVar[tuple[str, ...]] = ("kaiming", "random")
 
     r: int = 8
     alpha: float = 8
@@ -146,7 +146,7 @@ class LoKrConfig(LycoConfig):
         "decompose_both": "decompose_both", "decompose_factor": "decompose_factor",
         "rank_dropout_scale": "rank_dropout_scale",
     }
-    inits: ClassVar[tuple[str, ...]] = ("kaiming", "random", "zeros", "lycoris")
+    inits: ClassVar[tuple[str, ...]] = ("kaiming", "random", "lycoris")
     rank_is_tensor_dim: ClassVar[bool] = False
 
     decompose_both: bool = False

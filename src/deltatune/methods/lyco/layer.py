@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TargetError
+from ...protocol import initialising
 from ..base import MergeableDelta
 
 
@@ -113,6 +114,8 @@ class LoHaDelta(LycoDelta):
         self.hada_w1_b = nn.Parameter(torch.zeros(r, columns))
         self.hada_w2_a = nn.Parameter(torch.zeros(shape[0], r))
         self.hada_w2_b = nn.Parameter(torch.zeros(r, columns))
+        if not initialising():  # a file fills them (protocol.no_init)
+            return
         with torch.no_grad():
             if init == "kaiming":  # PEFT's default: w2_b stays zero, so dW = 0
                 _kaiming(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a)
@@ -159,8 +162,8 @@ class LoKrDelta(LycoDelta):
 
     def _init(self, init: str) -> None:
         """PEFT's inits: "kaiming" zeroes w1 (or w1_a), "lycoris" zeroes w2 (or w2_b), the rest kaiming-uniform;
-        "random": all kaiming-uniform; "zeros": all zero."""
-        if init == "zeros":
+        "random": all kaiming-uniform. Nothing while ``initialising()`` is False (a file fills them)."""
+        if not initialising():
             return
         w1, w2 = self._factors()
         with torch.no_grad():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ...errors import MergeError
 from ...layers import DeltaLayer
-from ...protocol import Delta
+from ...protocol import Delta, initialising
 
 
 def skew_symmetric(packed: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -101,7 +101,7 @@ class OFTLinear(Delta):
         self.in_features, self.n_blocks, self.block_size = in_features, blocks, block_size
         self.module_dropout = module_dropout
         self.oft_R = OFTRotation(1 if block_share else blocks, block_size, coft, eps, neumann, terms)
-        if init == "random":
+        if init == "random" and initialising():
             with torch.no_grad():
                 nn.init.normal_(self.oft_R.weight, mean=0.0, std=0.1)
 

@@ -11,6 +11,7 @@ from torch import nn
 from ...config import check_positive_int, check_probability
 from ...dtypes import adapter_dtype
 from ...errors import ConfigError, TargetError
+from ...filling import place
 from ...layers import DeltaLayer, layer_kind, linear_features
 from ..base import LayerDeltaConfig
 from .layer import PROJECTION_KEYS, VERA_INITS, VeraLinear, VeraProjections
@@ -18,7 +19,7 @@ from .layer import PROJECTION_KEYS, VERA_INITS, VeraLinear, VeraProjections
 if TYPE_CHECKING:
     from ...model import DeltaModel
 
-_INIT_TO_PEFT = {"vera": True, "random": False, "zeros": True}
+_INIT_TO_PEFT = {"vera": True, "random": False}
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -31,8 +32,7 @@ class VeraConfig(LayerDeltaConfig):
     projection_prng_key: seed of the shared projections (PEFT draws the same numbers from it);
     save_projection: write the projections into the adapter file (else they are re-drawn from the key on load);
     dropout on the VeRA input; d_initial: the initial value of every lambda_d entry (lambda_b starts at 0);
-    init: "vera" (the paper's init), "random" (PEFT's init_weights=False: lambda_b = 1, lambda_d ~ N(0, 1)),
-      "zeros" (for loading);
+    init: "vera" (the paper's init), "random" (PEFT's init_weights=False: lambda_b = 1, lambda_d ~ N(0, 1));
     fan_in_fan_out: detected per layer (True for transformers' Conv1D); written to files for PEFT;
     bias: "none" | "all" | "lora_only" (PEFT's "vera_only", accepted too).
     """
@@ -112,7 +112,7 @@ class VeraConfig(LayerDeltaConfig):
             delta = VeraLinear(
                 in_features, out_features, projections, self.dropout, self.d_initial, self.init, fan_in_fan_out
             )
-            host.adapters[name] = delta.to(**_placement(host.base_layer))
+            host.adapters[name] = place(delta, **_placement(host.base_layer))
 
 
 def check_vera_rank(r: int, in_max: int, out_max: int) -> None:
@@ -132,5 +132,5 @@ def _placement(module: nn.Module) -> dict[str, Any]:
     """Device of the base weight; float32 for half-precision, quantized or integer bases (as other deltas)."""
     weight = getattr(module, "weight", None)
     if weight is None:
-        return {}
+        return {"device": None, "dtype": None}
     return {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}

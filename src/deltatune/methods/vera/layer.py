@@ -21,19 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import DeltaLayer
-from ...protocol import dropout_module
+from ...protocol import dropout_module, initialising
 from ..base import MergeableDelta
 
 # PEFT's file keys of the shared projections: one entry per adapter at model level, outside ``base_model.model.``
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
-VERA_INITS = ("vera", "random", "zeros")
+VERA_INITS = ("vera", "random")
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """``U(-b, b)`` of ``shape`` with ``b = sqrt(3) * gain / sqrt(fan_in)``, gain sqrt(2), fan_in = ``shape[1]``."""
     std = math.sqrt(2) / math.sqrt(shape[1])
     bound = math.sqrt(3.0) * std
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return torch.empty(shape, device="cpu").uniform_(-bound, bound, generator=generator)  # cpu: also in no_init
 
 
 class VeraProjections(nn.Module):
@@ -45,10 +45,15 @@ class VeraProjections(nn.Module):
     """
 
     def __init__(self, r: int, in_max: int, out_max: int, key: int, saved: bool) -> None:
+        """Drawn from ``key``; left on the meta device when built for filling from a file that holds them."""
         super().__init__()
-        generator = torch.Generator(device="cpu").manual_seed(key)
-        self.register_buffer("vera_A", kaiming_uniform((r, in_max), generator), persistent=False)
-        self.register_buffer("vera_B", kaiming_uniform((out_max, r), generator), persistent=False)
+        if saved and not initialising():
+            vera_a, vera_b = torch.empty(r, in_max), torch.empty(out_max, r)  # meta inside no_init: a file fills them
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(key)
+            vera_a, vera_b = kaiming_uniform((r, in_max), generator), kaiming_uniform((out_max, r), generator)
+        self.register_buffer("vera_A", vera_a, persistent=False)
+        self.register_buffer("vera_B", vera_b, persistent=False)
         self.saved = saved
 
     def sliced(self, in_features: int, out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +73,7 @@ class VeraLinear(MergeableDelta):
     [out] and ``vera_lambda_d`` [r].
 
     init: "vera" (lambda_d = d_initial, lambda_b = 0: the layer starts as the base), "random" (lambda_b = 1,
-    lambda_d ~ N(0, 1): PEFT's ``init_weights=False``), "zeros" (both zero: the shape a file is loaded into).
+    lambda_d ~ N(0, 1): PEFT's ``init_weights=False``).
     """
 
     def __init__(
@@ -82,10 +87,12 @@ class VeraLinear(MergeableDelta):
         self.vera_lambda_d = nn.Parameter(torch.zeros(r))
         self.projections = projections  # shared child module: the same object in every layer of the adapter
         self.dropout = dropout_module(dropout)
+        if not initialising():
+            return
         with torch.no_grad():
             if init == "vera":
                 self.vera_lambda_d.fill_(d_initial)
-            elif init == "random":
+            else:  # "random"
                 self.vera_lambda_b.fill_(1.0)
                 self.vera_lambda_d.normal_()
 

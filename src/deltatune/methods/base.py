@@ -37,7 +37,20 @@ class LayerDeltaConfig(DeltaConfig):
     mergeable: ClassVar[bool] = True
     rank_is_tensor_dim: ClassVar[bool] = True
 
+    bias_alias: ClassVar[str | None] = None  # the method's PEFT name for "lora_only" ("oft_only"): read and written
+
     bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.bias_alias is not None and self.bias == self.bias_alias:
+            self.bias = "lora_only"
+        super().__post_init__()
+
+    @classmethod
+    def encode(cls, name: str, value: Any) -> Any:
+        if name == "bias" and value == "lora_only" and cls.bias_alias is not None:
+            return cls.bias_alias
+        return super().encode(name, value)
 
     def validate(self) -> None:
         super().validate()

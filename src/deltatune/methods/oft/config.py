@@ -73,6 +73,7 @@ class OFTConfig(LayerDeltaConfig):
     """
 
     peft_type: ClassVar[str] = "OFT"
+    bias_alias: ClassVar[str | None] = "oft_only"
     method: ClassVar[str] = "oft"
     peft_keys: ClassVar[dict[str, str]] = {
         **LayerDeltaConfig.peft_keys,
@@ -91,11 +92,6 @@ class OFTConfig(LayerDeltaConfig):
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
     init: str = "zeros"
-
-    def __post_init__(self) -> None:
-        if self.bias == "oft_only":
-            self.bias = "lora_only"
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
@@ -135,9 +131,7 @@ class OFTConfig(LayerDeltaConfig):
     def encode(cls, name: str, value: Any) -> Any:
         if name == "init":
             return value == "zeros"
-        if name == "bias" and value == "lora_only":
-            return "oft_only"
-        return value
+        return super().encode(name, value)
 
     @classmethod
     def decode(cls, name: str, value: Any) -> Any:

@@ -38,6 +38,7 @@ class VeraConfig(LayerDeltaConfig):
     """
 
     peft_type: ClassVar[str] = "VERA"
+    bias_alias: ClassVar[str | None] = "vera_only"
     method: ClassVar[str] = "vera"
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d_t")
     peft_keys: ClassVar[dict[str, str]] = {
@@ -55,11 +56,6 @@ class VeraConfig(LayerDeltaConfig):
     d_initial: float = 0.1
     init: str = "vera"
     fan_in_fan_out: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.bias == "vera_only":
-            self.bias = "lora_only"
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
@@ -81,9 +77,7 @@ class VeraConfig(LayerDeltaConfig):
             return _INIT_TO_PEFT[value]
         if name == "fan_in_fan_out":
             return bool(value)
-        if name == "bias":
-            return "vera_only" if value == "lora_only" else value
-        return value
+        return super().encode(name, value)
 
     @classmethod
     def decode(cls, name: str, value: Any) -> Any:

@@ -17,6 +17,7 @@ from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
 from ..protocol import dropout_module
 from .base import LayerDeltaConfig, MergeableDelta, check_patterns, pattern_value
+from .lora_batched import EmbeddingRows, LowRankRows
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
 INITS = {"kaiming", "gaussian", "random", "zeros"}
@@ -165,7 +166,7 @@ class LoraLinear(MergeableDelta):
         self.fan_in_fan_out = fan_in_fan_out
         init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
-    batch_kind = "lowrank"
+    row_stackers = (LowRankRows,)  # mixed-adapter batches: stacked with the layer's other LoRA pairs
     restartable = True
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
@@ -192,7 +193,7 @@ class LoraLinear(MergeableDelta):
 class LoraEmbedding(MergeableDelta):
     """``out + s * (A^T[ids]) B^T``: the usual embedding convention, A [r, vocab] zero, B [dim, r] normal."""
 
-    batch_kind = "embedding"
+    row_stackers = (EmbeddingRows,)
     restartable = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float, init: str) -> None:

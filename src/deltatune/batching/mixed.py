@@ -10,20 +10,21 @@ once by ``stacker.build`` (slot 0 and the slots outside the group hold the ident
     out = a_g(x, out)              "add" stackers: out_i + delta_k(i)(x_i), exact zeros for every other row
     out = a_g(x, out)              "after" stackers: gains on the sum, exactly one for every other row
 
-The methods own the formulas (``methods/lora_batched.py``: LoRA, rsLoRA, AsyLoRA, PiSSA and embedding LoRA, with
-the few-token dense path; ``methods/dora.py``: DoRA's gain; ``methods/mora.py``; ``methods/ia3/batched.py``;
-``methods/vera/batched.py``); this module only numbers the slots, groups, caches and dispatches. Since a row has
-one adapter and every other group is the identity at its slot, each row equals its single-adapter run up to float
-summation order. Everything without stackers (bottleneck adapters, conv LoRA, LoHa/LoKr, OFT, unknown delta
-classes) and every delta a stacker refuses on this layer (``group_key`` None: embeddings with ``max_norm``, IA3 on
-convolutions) runs once per distinct adapter on its rows (index select), after the batched part; so does a whole
-layer while a delta with active dropout is used (training), since dropout masks are random anyway.
-Stacks are cached on the layer, keyed on the adapters' names and identities; each call also checks the storage and
-version counters of the tensors of the adapters it uses (the delta's and its direct children's parameters and
-buffers, plus the plain attributes its stackers name) and each used stacker's ``layer_state`` (DoRA: the base
-weight), so an optimizer step, ``load``, ``delete_adapter`` or a base weight edit invalidates them at the next use
-while unused adapters cost nothing per call; while gradients flow into an adapter the stacks are rebuilt on every
-call (differentiable).
+in one running output in the working dtype (the first stacked adapter's), cast back once at the end; a group no
+row uses is skipped (it is the identity on every row). The formulas, and the choice between per-row gathers and
+dense products, live with the methods, in their stackers (``docs/ARCHITECTURE.md`` lists them): this module only
+numbers the slots, groups, caches and dispatches, and names no method. Since a row has one adapter and every other
+group is the identity at its slot, each row equals its single-adapter run up to float summation order.
+Everything without stackers (bottleneck adapters, conv LoRA, LoHa/LoKr, OFT, unknown delta classes) and every
+delta a stacker refuses on its layer (``group_key`` None) runs once per distinct adapter on its rows (index
+select), after the batched part; so does a whole layer while a delta with active dropout is used (training), since
+dropout masks are random anyway.
+Stacks are cached on the layer, keyed on the adapters' names and identities; each call also checks, for the
+adapters it uses, the storage and version counters of their tensors (the delta's and its direct children's
+parameters and buffers) and the plain attributes their stackers name, and each used group's ``layer_state``
+(e.g. a base weight the state was computed from). So an optimizer step, ``load``, ``delete_adapter`` or a base
+weight edit invalidates them at the next use, while unused adapters cost nothing per call. While gradients flow
+into an adapter the stacks are rebuilt on every call (differentiable).
 """
 
 from __future__ import annotations
@@ -87,15 +88,22 @@ class Stacks:
 
 
 def _delta_state(delta: nn.Module, attributes: tuple[str, ...]) -> tuple:
-    """Storage and version of a delta's tensors (its own and its direct children's) and its named attributes."""
-    state: list[Any] = [delta.__dict__.get(name) for name in attributes]
+    """Storage and version of a delta's tensors (its own and its direct children's parameters and buffers) and the
+    values of its named plain attributes. Runs per used adapter and layer on every call: kept to plain loops."""
+    values = delta.__dict__
+    state: list[Any] = []
+    for name in attributes:  # a loop, not a comprehension: cheaper for the usual zero or one name
+        state.append(values.get(name))
     for tensor in delta._parameters.values():
         if tensor is not None:
             state += (tensor.data_ptr(), tensor._version)
     for child in delta._modules.values():
         if child is not None:
-            for tensors in (child._parameters, child._buffers):  # buffers: VeRA's shared projections
-                for tensor in tensors.values():
+            for tensor in child._parameters.values():
+                if tensor is not None:
+                    state += (tensor.data_ptr(), tensor._version)
+            if child._buffers:  # e.g. VeRA's shared projections
+                for tensor in child._buffers.values():
                     if tensor is not None:
                         state += (tensor.data_ptr(), tensor._version)
     return tuple(state)

@@ -9,6 +9,7 @@ import deltatune as dt
 from conftest import assert_rows_match_single_runs, tiny_bert_cls, tiny_gpt2, tiny_llama
 from deltatune.batching import mixed
 from deltatune.layers import DeltaLayer
+from deltatune.methods import lora_batched
 
 BASE = "__base__"
 
@@ -50,7 +51,7 @@ def no_fallback(monkeypatch):
 @pytest.mark.parametrize("few_tokens", [0, 10**6], ids=["gathered-factors", "dense-used-factors"])
 @pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj"])])
 def test_every_lora_family_method_matches_single_rows(factory, targets, few_tokens, monkeypatch):
-    monkeypatch.setattr(mixed, "FEW_TOKENS", few_tokens)  # both low-rank paths: per-row bmm and dense
+    monkeypatch.setattr(lora_batched, "FEW_TOKENS", few_tokens)  # both low-rank paths: per-row bmm and dense
     model = family(factory, targets)
     rows = ["dora", "lora", BASE, "mora6", "asy", "rslora", "mora1", "dora", "lora"]
     x = ids((len(rows), 7))

@@ -127,7 +127,7 @@ class DeltaLayer(AdapterHost):
         if self.disabled or not deltas and self.row_adapters is None:
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return strategy("mixed_forward")(self, x, lambda: self.base_layer(x, *args, **kwargs))
+            return strategy("mixed_forward")(self, x, lambda inner: self.base_layer(inner, *args, **kwargs))
         inner = x
         for delta in deltas:
             if delta.transforms_input:

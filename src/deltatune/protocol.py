@@ -17,8 +17,9 @@ attributes and calls these methods, never a method's class name:
 * ``delta_weight(layer) -> dW`` (float32, the layout of ``layer.weight``) when ``mergeable``; ``merge_into`` /
   ``unmerge_from`` edit ``layer.weight_for_merge`` in place (``MergeableDelta`` derives both from ``delta_weight``);
 * ``low_rank_factors() -> (B, A)`` when ``dW = s B A`` exactly (adapter combination and hot-swap use it), else None;
-* ``batch_kind``: the name under which ``deltatune.batching`` stacks this delta type for mixed-adapter batches
-  (None: the batch runs the delta once per adapter on its rows, which is always exact);
+* ``row_stackers``: the ``RowStacker`` classes that compute this delta stacked with other adapters' deltas of the
+  layer in mixed-adapter batches (empty: the batch runs the delta once per adapter on its rows, which is always
+  exact); see "row stackers" below;
 * ``param_roles()``: parameter name -> role for optimizers ("A" / "B": input / output factor of a product, which
   LoRA+ gives different learning rates; "A_embedding" / "B_embedding" for embedding factors; "magnitude");
 * ``restartable`` / ``restart()``: ReLoRA merges ``delta_weight`` into the base, then ``restart()`` re-initialises the
@@ -41,6 +42,26 @@ real ``device=`` and computed as usual; one left on the meta device by mistake m
 A delta gets what it needs as arguments (``x``, ``out``, ``layer``); the host's own state it may read is
 ``layer.weight_for_merge`` and ``layer.base_layer``, and ``layer.only_delta(self)``: whether ``out`` is the bare base
 output (no other delta has changed it), which DoRA's rescaling needs.
+
+Row stackers (mixed-adapter batches, ``model(..., adapter_names=[...])``: row i uses adapter a(i) alone). A method
+may give its deltas a batched path without editing ``deltatune.batching``: a ``RowStacker`` subclass listed in the
+delta class's ``row_stackers``. Per layer, ``deltatune.batching`` numbers the layer's stackable adapters 1..n (slot
+0 = no delta: base rows, and adapters that do not touch the layer), groups the deltas by ``(stacker,
+stacker.group_key(delta, layer))``, and calls ``build(layer, members, n_slots)`` once per group with the group's
+``(slot, delta)`` pairs; the result (the *state*: stacked tensors, slot 0 and every slot outside the group holding
+the identity, i.e. zero for an additive term, one for a gain) is cached on the layer. Each call then runs::
+
+    x'    = transform(state, layer, rows, x)       stackers with phase "input", in group order   (identity rows: x)
+    out   = base(x')                               one base pass for the whole batch
+    total = apply(state, layer, rows, x, total)    phase "add" (additive terms, from the original x), then "after"
+                                                   (gains on the sum: DoRA's g, IA3's output scaling)
+
+``rows`` (``RowIndex``) holds each row's slot. Because a row has one adapter and every other group holds the identity
+at that row's slot, each row equals its single-adapter run up to float summation order. A stacker's state is
+rebuilt when the layer's adapters change, when an adapter the batch uses changed (storage or version of the
+tensors of the delta and its direct children, or one of the plain attributes its stackers name in
+``attributes``), or when ``layer_state(layer)`` changed (DoRA: the base weight); while gradients flow into the
+adapters it is built on every call, differentiably.
 """
 
 from __future__ import annotations
@@ -48,7 +69,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -63,7 +85,7 @@ class Delta(nn.Module):
     transforms_input: ClassVar[bool] = False
     transforms_output: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
-    batch_kind: ClassVar[str | None] = None
+    row_stackers: ClassVar[tuple[type[RowStacker], ...]] = ()
     restartable: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: Any) -> torch.Tensor:
@@ -126,6 +148,91 @@ def no_init() -> Iterator[None]:
             yield
     finally:
         _BUILD.initialising = previous
+
+
+# ---- row stackers: optional batched paths for mixed-adapter batches (see the module docstring) ----------------------
+@dataclass
+class RowIndex:
+    """The slot of every row of a mixed batch (slot 0: no delta), built once per row assignment and layer.
+
+    ``slots`` [batch] and ``used`` [u] (the distinct slots, ascending) are long tensors on the input's device;
+    ``slot_list`` / ``used_list`` are the same as Python lists. ``cache`` holds what a stacker derives from the
+    assignment (LoRA's few-token path: the used adapters' factors side by side), keyed by ``id(state)``; a new
+    assignment comes with a new, empty cache.
+    """
+
+    key: tuple
+    slots: torch.Tensor
+    used: torch.Tensor
+    slot_list: list[int]
+    used_list: list[int]
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
+class RowStacker:
+    """A batched path for one family of deltas in mixed-adapter batches (``Delta.row_stackers``); stateless, every
+    member is a classmethod, the stacked tensors are the *state* that ``build`` returns.
+
+    phase: "input" (``transform`` rewrites the layer input before the one base pass: IA3 on FFN inputs), "add"
+      (``apply`` adds each row's term to the running output, computed from the original input), "after" (``apply``
+      runs after every "add" stacker, on the sum: DoRA's gain, IA3's output scaling).
+    attributes: plain (non-tensor) attributes of a delta the state depends on (LoRA: ``scaling``); a change
+      rebuilds the state like a change of the delta's tensors.
+    A delta lists every stacker its formula needs; it is stacked only when each of them gives it a group key.
+    """
+
+    phase: ClassVar[str] = "add"
+    attributes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def group_key(cls, delta: Delta, layer: Any) -> Hashable | None:
+        """Deltas with equal keys share one state; None: not stackable on this layer (the per-adapter loop runs it)."""
+        return ()
+
+    @classmethod
+    def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> Any:
+        """The state for ``members`` (``(slot, delta)``, slots in 1..n_slots-1): stacks of leading size ``n_slots``
+        holding the identity at every other slot. Differentiable: it runs under ``torch.no_grad`` only when cached."""
+        raise NotImplementedError(f"{cls.__name__} must build its state")
+
+    @classmethod
+    def apply(cls, state: Any, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Phases "add" / "after": ``out`` [batch, ..., features] (the working dtype) with each row's term applied."""
+        return out
+
+    @classmethod
+    def transform(cls, state: Any, layer: Any, rows: RowIndex, x: torch.Tensor) -> torch.Tensor:
+        """Phase "input": each row's input transformed (same shape and dtype as ``x``)."""
+        return x
+
+    @classmethod
+    def layer_state(cls, layer: Any) -> Hashable:
+        """State of the host's own tensors that ``build`` read (DoRA: the base weight), None for none; compared
+        before each use by a batch with rows of this stacker's groups."""
+        return None
+
+
+def tensor_state(tensor: torch.Tensor | None) -> tuple:
+    """Storage, version, dtype and device of a tensor: equal as long as nobody wrote to or replaced it."""
+    if tensor is None:
+        return ()
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device
+
+
+def stack_slots(members: list[tuple[int, torch.Tensor]], n_slots: int, fill: torch.Tensor) -> torch.Tensor:
+    """[n_slots, *shape]: each member's tensor at its slot, ``fill`` (zeros or ones of the shape) elsewhere
+    (differentiable)."""
+    by_slot = dict(members)
+    return torch.stack([by_slot.get(k, fill) for k in range(n_slots)])
+
+
+def pad_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Zero-pad ``tensor`` along ``dim`` (0 or 1 of a 1-D or 2-D tensor) up to ``size``: exact zeros, which add
+    nothing to a product (how stacks of different ranks share one shape)."""
+    extra = size - tensor.shape[dim]
+    if extra == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, extra) if dim == tensor.dim() - 1 else (0, 0, 0, extra))
 
 
 # ---- kernels: optional fast paths per delta type ------------------------------------------------------------------

@@ -22,6 +22,7 @@ PEFT interop: ``peft_type "LORA"`` with ``use_dora: true``; magnitude saved as `
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,8 +32,9 @@ from torch import nn
 
 from ..errors import MergeError, TargetError
 from ..layers import DeltaLayer, base_weight, layer_kind, linear_features
-from ..protocol import initialising
+from ..protocol import Delta, RowIndex, RowStacker, initialising, stack_slots, tensor_state
 from .lora import INITS, LoraConfig, LoraLinear, pattern_value
+from .lora_batched import LowRankRows
 
 
 @dataclass
@@ -63,10 +65,39 @@ class DoraConfig(LoraConfig):
         return DoraLinear(weight, in_features, out_features, r, self.scaling(path), self.dropout, self.init, fan_in_fan_out)
 
 
+class DoraGainRows(RowStacker):
+    """Mixed-adapter batches: DoRA's rescaling, after every additive term. With ``out`` the bare base output (each
+    row has one adapter) and ``L_i`` the row's low-rank term (``LowRankRows``, the stack DoRA shares with LoRA)::
+
+        y_i = g_k * (out_i + L_i) + (1 - g_k) * b          g = m / ||W0 + s B A|| per output row
+
+    with ``g`` stacked [n+1, out] and exactly 1 at every other slot, so non-DoRA rows stay ``out_i + L_i``. ``g``
+    depends on the base weight, which ``layer_state`` reports so that an edit of it rebuilds the stack."""
+
+    phase = "after"
+    attributes = ("scaling",)
+
+    @classmethod
+    def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> torch.Tensor:
+        m = [d.lora_magnitude_vector for _, d in members]
+        gains = [(k, mag / d.weight_norm(layer).to(mag.dtype)) for (k, d), mag in zip(members, m)]
+        return stack_slots(gains, n_slots, torch.ones_like(gains[0][1]))
+
+    @classmethod
+    def apply(cls, state: torch.Tensor, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        g = state[rows.slots].reshape(x.shape[0], *([1] * (out.dim() - 2)), -1)
+        bias = layer._parameters.get("bias")
+        return g * out if bias is None else torch.addcmul(bias.to(out.dtype) * (1 - g), g, out)
+
+    @classmethod
+    def layer_state(cls, layer: Any) -> Hashable:
+        return tensor_state(layer._parameters.get("weight")), tuple(layer.merged)
+
+
 class DoraLinear(LoraLinear):
     """LoRA pair plus the magnitude vector ``lora_magnitude_vector`` [out]."""
 
-    batch_kind = "dora"
+    row_stackers = (LowRankRows, DoraGainRows)  # mixed batches: LoRA's stack for s B A x, then the gain
     restartable = False  # dW depends on W0 through the norm: merging and re-initialising is not a restart
 
     def param_roles(self) -> dict[str, str]:

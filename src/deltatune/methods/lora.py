@@ -17,6 +17,7 @@ from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
 from ..protocol import dropout_module, initialising
 from .base import LayerDeltaConfig, MergeableDelta, check_patterns, pattern_value
+from .lora_batched import EmbeddingRows, LowRankRows
 from .lora_init import PRINCIPAL_INITS, export_plain_lora, principal_init
 
 INITS = {"kaiming", "gaussian", "random"}
@@ -168,7 +169,7 @@ class LoraLinear(MergeableDelta):
         if init is not None and initialising():  # None: the caller sets both (AsyLoRA); else a file fills them
             init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
-    batch_kind = "lowrank"
+    row_stackers = (LowRankRows,)  # mixed-adapter batches: stacked with the layer's other LoRA pairs
     restartable = True
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: DeltaLayer) -> torch.Tensor:
@@ -195,7 +196,7 @@ class LoraLinear(MergeableDelta):
 class LoraEmbedding(MergeableDelta):
     """``out + s * (A^T[ids]) B^T``: the usual embedding convention, A [r, vocab] zero, B [dim, r] normal."""
 
-    batch_kind = "embedding"
+    row_stackers = (EmbeddingRows,)
     restartable = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int, scaling: float, init: str) -> None:

@@ -21,6 +21,7 @@ batched pass, no Python loop over rows. Files: PEFT layout, key ``<path>.mora_M.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from torch import nn
 from ..config import check_positive_int, check_probability
 from ..errors import ConfigError, TargetError
 from ..layers import DeltaLayer, layer_kind, linear_features
-from ..protocol import dropout_module, initialising
+from ..protocol import Delta, RowIndex, RowStacker, dropout_module, initialising, stack_slots
 from .base import LayerDeltaConfig, MergeableDelta
 from .lora import pattern_value
 
@@ -96,10 +97,33 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class MoraRows(RowStacker):
+    """Mixed-adapter batches: ``y_i = out_i + decompress(compress(x_i) M_k^T)`` with the square matrices stacked
+    [n+1, r_hat, r_hat] (zero at slot 0 and outside the group) and applied per row by batched matmul. Grouped by
+    (r_hat, type, in, out): the deltas of a group share compress / decompress, which one of them runs for all."""
+
+    @classmethod
+    def group_key(cls, delta: Delta, layer: Any) -> Hashable | None:
+        return delta.r_hat, delta.mora_type, delta.in_features, delta.out_features
+
+    @classmethod
+    def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> tuple[Delta, torch.Tensor]:
+        m = [(k, d.mora_M.weight) for k, d in members]
+        return members[0][1], stack_slots(m, n_slots, torch.zeros_like(m[0][1]))
+
+    @classmethod
+    def apply(cls, state: tuple, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        representative, m = state
+        batch = x.shape[0]
+        per_row = m[rows.slots]
+        per_row = per_row[:, None] if representative.mora_type == 6 else per_row  # type 6: M on [b, t, chunks, r]
+        return out + representative.update(x.to(out.dtype).reshape(batch, -1, x.shape[-1]), per_row).reshape(out.shape)
+
+
 class MoraLinear(MergeableDelta):
     """``out + decompress(M compress(drop(x)))``; M is ``mora_M.weight`` [r_hat, r_hat]."""
 
-    batch_kind = "mora"  # a subclass that changes ``update`` must set None
+    row_stackers = (MoraRows,)  # a subclass that changes ``update`` must set ()
 
     def __init__(
         self, in_features: int, out_features: int, r_hat: int, mora_type: int, dropout: float, init: str,

@@ -21,6 +21,7 @@ from torch import nn
 
 from ...errors import MergeError
 from ...protocol import Delta, initialising
+from .batched import IA3InputRows, IA3OutputRows
 
 
 class IA3Delta(Delta):
@@ -119,6 +120,8 @@ class IA3Delta(Delta):
 class IA3Output(IA3Delta):
     """``y = l * base(x)``: the base output (bias included) scaled per output feature."""
 
+    row_stackers = (IA3OutputRows,)  # mixed-adapter batches: each row's l gathered from a stack
+
     def forward(self, x: torch.Tensor, out: torch.Tensor, layer: Any) -> torch.Tensor:
         return (out.to(self.ia3_l.dtype) * self.activation_scale()).to(out.dtype)
 
@@ -128,6 +131,7 @@ class IA3Input(IA3Delta):
 
     transforms_input = True
     scales_output = False
+    row_stackers = (IA3InputRows,)  # mixed-adapter batches: each row's input scaled before the one base pass
 
     def transform_input(self, x: torch.Tensor, layer: Any) -> torch.Tensor:
         return (x.to(self.ia3_l.dtype) * self.activation_scale()).to(x.dtype)

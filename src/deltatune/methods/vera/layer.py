@@ -23,6 +23,7 @@ from torch import nn
 from ...layers import DeltaLayer
 from ...protocol import dropout_module, initialising
 from ..base import MergeableDelta
+from .batched import VeraRows
 
 # PEFT's file keys of the shared projections: one entry per adapter at model level, outside ``base_model.model.``
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
@@ -75,6 +76,8 @@ class VeraLinear(MergeableDelta):
     init: "vera" (lambda_d = d_initial, lambda_b = 0: the layer starts as the base), "random" (lambda_b = 1,
     lambda_d ~ N(0, 1): PEFT's ``init_weights=False``).
     """
+
+    row_stackers = (VeraRows,)  # mixed-adapter batches: the layer's VeRA deltas stacked (see ``batched``)
 
     def __init__(
         self, in_features: int, out_features: int, projections: VeraProjections, dropout: float, d_initial: float,

@@ -343,3 +343,16 @@ def test_dora_after_an_input_rotation_sees_the_rotated_output():
         expected = rotated - torch.nn.functional.linear(x, w0) + g * (torch.nn.functional.linear(x, w0) + lora)
         expected = expected if bias is None else expected + bias
     assert relative(got.double(), expected.double()) <= 1e-5
+
+
+def test_combining_block_sized_oft_adapters_asks_for_a_rank():
+    """OFT sized by oft_block_size has r=0, which is no rank for the SVD-fitted LoRA: the combination asks for
+    svd_rank instead of fitting a rank-0/1 LoRA; with svd_rank it fits the weighted rotation updates."""
+    torch.manual_seed(0)
+    model = dt.DeltaModel(tiny_llama(), dt.OFTConfig(oft_block_size=8, targets=["q_proj"], init="random"), "a")
+    model.add_adapter("b", dt.OFTConfig(oft_block_size=8, targets=["q_proj"], init="random"))
+    with pytest.raises(ConfigError, match="pass svd_rank"):
+        model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c")
+    assert "c" not in model.configs
+    report = model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c", svd_rank=32)
+    assert model.configs["c"].r == 32 and report.relative_error < 1e-5  # full rank of a 32-wide layer: exact

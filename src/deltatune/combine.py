@@ -120,9 +120,15 @@ def _rank_at(model: DeltaModel, name: str, path: str, delta: torch.nn.Module) ->
     if factors is not None:
         return int(factors[1].shape[0])
     config = model.configs[name]
-    if not isinstance(getattr(config, "r", None), int):
-        raise ConfigError(f"adapter '{name}' has no rank to default to; pass svd_rank")
-    return int(pattern_value(getattr(config, "rank_pattern", {}) or {}, path, config.r))
+    rank = getattr(config, "r", None)
+    if rank is not None and not isinstance(rank, bool) and isinstance(rank, int):
+        rank = int(pattern_value(getattr(config, "rank_pattern", {}) or {}, path, rank))
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:  # e.g. OFT sized by oft_block_size has r=0
+        raise ConfigError(
+            f"adapter '{name}' ({type(config).__name__}) has no rank to default to at {path}; pass svd_rank=K, the "
+            f"rank of the LoRA fitted to the combined weight update"
+        )
+    return rank
 
 
 def _cat_factors(

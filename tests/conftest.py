@@ -233,3 +233,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def mixed_and_per_row_grads(model, x: torch.Tensor, rows: list[str]) -> tuple[dict, dict]:
+    """Parameter gradients of ``sum(logits^2)`` for one mixed-adapter batch, and the same summed over each row run
+    alone with its adapter (what the mixed batch must equal)."""
+    model(input_ids=x, adapter_names=rows).logits.square().sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for i, name in enumerate(rows):
+        model.set_adapter(name)
+        model(input_ids=x[i : i + 1]).logits.square().sum().backward()
+    single = {n: p.grad for n, p in model.named_parameters() if n in mixed}
+    return mixed, single

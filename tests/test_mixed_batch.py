@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import assert_rows_match_single_runs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import assert_rows_match_single_runs, mixed_and_per_row_grads, tiny_bert_cls, tiny_gpt2, tiny_llama
 from deltatune.batching import mixed
 from deltatune.layers import DeltaLayer
 from deltatune.methods import lora_batched
@@ -163,17 +163,10 @@ def test_gradients_through_a_mixed_batch_equal_per_row_gradients():
     model.set_adapter(["a", "b"])  # both trainable
     model.eval()
     x, rows = ids((3, 5)), ["a", "b", "a"]
-    model(input_ids=x, adapter_names=rows).logits.square().sum().backward()
-    mixed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for i, name in enumerate(rows):
-        model.set_adapter(name)
-        model(input_ids=x[i : i + 1]).logits.square().sum().backward()
-    model.set_adapter(["a", "b"])
+    mixed_grads, single_grads = mixed_and_per_row_grads(model, x, rows)
     assert len(mixed_grads) >= 6
-    for n, p in model.named_parameters():
-        if n in mixed_grads:
-            assert torch.allclose(mixed_grads[n], p.grad, atol=1e-4, rtol=1e-4), n
+    for n, grad in mixed_grads.items():
+        assert torch.allclose(grad, single_grads[n], atol=1e-4, rtol=1e-4), n
 
 
 def test_active_dropout_falls_back_and_bad_row_counts_are_refused():

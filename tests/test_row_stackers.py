@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import assert_rows_match_single_runs, tiny_gpt2, tiny_llama
+from conftest import assert_rows_match_single_runs, mixed_and_per_row_grads, tiny_gpt2, tiny_llama
 from deltatune.batching import mixed
 from deltatune.layers import DeltaLayer
 from deltatune.methods import lora_batched
@@ -77,16 +77,10 @@ def test_gradients_through_stacked_ia3_and_vera_equal_per_row_gradients(monkeypa
     model.set_adapter(["ia3", "vera", "vera2"])  # trainable
     x, rows = ids((4, 5)), ["ia3", "vera", "vera2", "ia3"]
     no_fallback(monkeypatch)
-    model(input_ids=x, adapter_names=rows).logits.square().sum().backward()
-    mixed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    for i, name in enumerate(rows):
-        model.set_adapter(name)
-        model(input_ids=x[i : i + 1]).logits.square().sum().backward()
+    mixed_grads, single_grads = mixed_and_per_row_grads(model, x, rows)
     assert len(mixed_grads) == 2 * 2 * (1 + 2 * 2)  # 2 blocks x 2 targets x (ia3_l + 2 VeRA adapters x 2 lambdas)
-    for n, p in model.named_parameters():
-        if n in mixed_grads:
-            torch.testing.assert_close(mixed_grads[n], p.grad, atol=1e-4, rtol=1e-4)
+    for n, grad in mixed_grads.items():
+        torch.testing.assert_close(grad, single_grads[n], atol=1e-4, rtol=1e-4)
 
 
 def test_vera_stacks_follow_an_in_place_edit_of_the_shared_projections():

@@ -35,10 +35,8 @@ def _per_row(state: torch.Tensor, rows: RowIndex, like: torch.Tensor) -> torch.T
     return state[rows.slots].reshape(like.shape[0], *([1] * (like.dim() - 2)), -1)
 
 
-class IA3InputRows(RowStacker):
-    """``x'_i = l_k * x_i``: the layer input scaled per row before the base runs (see the module doc)."""
-
-    phase = "input"
+class _IA3Rows(RowStacker):
+    """What both sides share: one stack of the layer's IA3 vectors of that side; convolutions are looped."""
 
     @classmethod
     def group_key(cls, delta: Delta, layer: Any) -> Hashable | None:
@@ -47,6 +45,12 @@ class IA3InputRows(RowStacker):
     @classmethod
     def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> torch.Tensor:
         return _stack(members, n_slots)
+
+
+class IA3InputRows(_IA3Rows):
+    """``x'_i = l_k * x_i``: the layer input scaled per row before the base runs (see the module doc)."""
+
+    phase = "input"
 
     @classmethod
     def transform(cls, state: torch.Tensor, layer: Any, rows: RowIndex, x: torch.Tensor) -> torch.Tensor:
@@ -54,18 +58,10 @@ class IA3InputRows(RowStacker):
         return (x.to(state.dtype) * _per_row(state, rows, x)).to(x.dtype)
 
 
-class IA3OutputRows(RowStacker):
+class IA3OutputRows(_IA3Rows):
     """``y_i = l_k * y_i``: the row's whole output scaled per output feature (see the module doc)."""
 
     phase = "after"
-
-    @classmethod
-    def group_key(cls, delta: Delta, layer: Any) -> Hashable | None:
-        return None if delta.kind == "conv" else ()
-
-    @classmethod
-    def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> torch.Tensor:
-        return _stack(members, n_slots)
 
     @classmethod
     def apply(cls, state: torch.Tensor, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,7 @@ class ShiftRows(RowStacker):
     @classmethod
     def build(cls, layer, members, n_slots):
         shifts = [(k, d.beta * d.gain) for k, d in members]
-        return stack_slots(shifts, n_slots, torch.zeros_like(shifts[0][1]))
+        return stack_slots(shifts, n_slots)
 
     @classmethod
     def apply(cls, state, layer, rows, x, out):

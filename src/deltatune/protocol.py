@@ -219,11 +219,12 @@ def tensor_state(tensor: torch.Tensor | None) -> tuple:
     return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device
 
 
-def stack_slots(members: list[tuple[int, torch.Tensor]], n_slots: int, fill: torch.Tensor) -> torch.Tensor:
-    """[n_slots, *shape]: each member's tensor at its slot, ``fill`` (zeros or ones of the shape) elsewhere
-    (differentiable)."""
+def stack_slots(members: list[tuple[int, torch.Tensor]], n_slots: int, fill: float = 0.0) -> torch.Tensor:
+    """[n_slots, *shape]: each member's tensor at its slot, the identity value ``fill`` (0 for a term, 1 for a gain)
+    everywhere else (differentiable)."""
     by_slot = dict(members)
-    return torch.stack([by_slot.get(k, fill) for k in range(n_slots)])
+    identity = torch.full_like(members[0][1], fill)
+    return torch.stack([by_slot.get(k, identity) for k in range(n_slots)])
 
 
 def pad_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:

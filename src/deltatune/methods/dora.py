@@ -79,9 +79,9 @@ class DoraGainRows(RowStacker):
 
     @classmethod
     def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> torch.Tensor:
-        m = [d.lora_magnitude_vector for _, d in members]
-        gains = [(k, mag / d.weight_norm(layer).to(mag.dtype)) for (k, d), mag in zip(members, m)]
-        return stack_slots(gains, n_slots, torch.ones_like(gains[0][1]))
+        m = [(k, d.lora_magnitude_vector, d.weight_norm(layer)) for k, d in members]
+        gains = [(k, magnitude / norm.to(magnitude.dtype)) for k, magnitude, norm in m]
+        return stack_slots(gains, n_slots, fill=1.0)
 
     @classmethod
     def apply(cls, state: torch.Tensor, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,8 @@ class LowRankRows(RowStacker):
         r_max = max(d.lora_A.weight.shape[0] for _, d in members)
         a = [(k, pad_to(d.lora_A.weight, 0, r_max)) for k, d in members]
         b = [(k, pad_to(d.lora_B.weight * d.scaling, 1, r_max)) for k, d in members]
-        b_stack = stack_slots(b, n_slots, torch.zeros_like(b[0][1]))
-        return LowRankState(stack_slots(a, n_slots, torch.zeros_like(a[0][1])), b_stack, b_stack.transpose(1, 2).contiguous())
+        b_stack = stack_slots(b, n_slots)
+        return LowRankState(stack_slots(a, n_slots), b_stack, b_stack.transpose(1, 2).contiguous())
 
     @classmethod
     def apply(cls, state: LowRankState, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class EmbeddingRows(RowStacker):
         r_max = max(d.lora_embedding_A.shape[0] for _, d in members)
         a = [(k, pad_to(d.lora_embedding_A.T, 1, r_max)) for k, d in members]
         b = [(k, pad_to((d.lora_embedding_B * d.scaling).T, 0, r_max)) for k, d in members]
-        return stack_slots(a, n_slots, torch.zeros_like(a[0][1])), stack_slots(b, n_slots, torch.zeros_like(b[0][1]))
+        return stack_slots(a, n_slots), stack_slots(b, n_slots)
 
     @classmethod
     def apply(cls, state: tuple, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

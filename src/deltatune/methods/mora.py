@@ -109,7 +109,7 @@ class MoraRows(RowStacker):
     @classmethod
     def build(cls, layer: Any, members: list[tuple[int, Delta]], n_slots: int) -> tuple[Delta, torch.Tensor]:
         m = [(k, d.mora_M.weight) for k, d in members]
-        return members[0][1], stack_slots(m, n_slots, torch.zeros_like(m[0][1]))
+        return members[0][1], stack_slots(m, n_slots)
 
     @classmethod
     def apply(cls, state: tuple, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ...protocol import Delta, RowIndex, RowStacker, stack_slots
 def _stack(members: list[tuple[int, Delta]], n_slots: int) -> torch.Tensor:
     """[n_slots, features]: each member's ``l`` at its slot, ones elsewhere (differentiable)."""
     vectors = [(k, d.ia3_l.flatten()) for k, d in members]
-    return stack_slots(vectors, n_slots, torch.ones_like(vectors[0][1]))
+    return stack_slots(vectors, n_slots, fill=1.0)
 
 
 def _per_row(state: torch.Tensor, rows: RowIndex, like: torch.Tensor) -> torch.Tensor:

@@ -52,16 +52,16 @@ class VeraRows(RowStacker):
         lambda_d = [(k, pad_to(d.vera_lambda_d, 0, r_max)) for k, d in members]
         lambda_b = [(k, d.vera_lambda_b) for k, d in members]
         vectors = (
-            stack_slots(lambda_d, n_slots, torch.zeros_like(lambda_d[0][1])),
-            stack_slots(lambda_b, n_slots, torch.zeros_like(lambda_b[0][1])),
+            stack_slots(lambda_d, n_slots),
+            stack_slots(lambda_b, n_slots),
         )
         if _equal(pairs):
             return VeraState(*pairs[0], *vectors, shared=True)
         slots = [k for k, _ in members]
         a = [pad_to(a, 0, r_max) for a, _ in pairs]
         b = [pad_to(b, 1, r_max) for _, b in pairs]
-        a_stack = stack_slots(list(zip(slots, a)), n_slots, torch.zeros_like(a[0]))
-        return VeraState(a_stack, stack_slots(list(zip(slots, b)), n_slots, torch.zeros_like(b[0])), *vectors, shared=False)
+        a_stack = stack_slots(list(zip(slots, a)), n_slots)
+        return VeraState(a_stack, stack_slots(list(zip(slots, b)), n_slots), *vectors, shared=False)
 
     @classmethod
     def apply(cls, state: VeraState, layer: Any, rows: RowIndex, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
